@@ -1,0 +1,70 @@
+"""The member attributes that conditions and templates can use, and their types.
+
+Built-in attributes are columns of ``members``; marketers' own attributes
+(unknown columns in an import) live in the JSON ``attributes`` column and are
+written ``attributes.NAME`` in conditions, so that a typo in a built-in name
+is caught by validation instead of silently matching nobody.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Kind(enum.StrEnum):
+    STRING = "string"
+    NUMBER = "number"
+    BOOL = "bool"
+    DATE = "date"
+    DATETIME = "datetime"
+    ANY = "any"  # free-form attribute: type decided by the value it is compared with
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    kind: Kind
+    column: str | None = None  # members column; None for free-form attributes
+    json_key: str | None = None  # key in members.attributes
+    event_key: str | None = None  # key in the event's properties
+
+    @property
+    def is_time(self) -> bool:
+        return self.kind in (Kind.DATE, Kind.DATETIME)
+
+
+BUILTIN: dict[str, Attribute] = {
+    a.name: a
+    for a in (
+        Attribute("id", Kind.STRING, "id"),
+        Attribute("name", Kind.STRING, "name"),
+        Attribute("email", Kind.STRING, "email"),
+        Attribute("phone", Kind.STRING, "phone"),
+        Attribute("birthday", Kind.DATE, "birthday"),
+        Attribute("timezone", Kind.STRING, "timezone"),
+        Attribute("locale", Kind.STRING, "locale"),
+        Attribute("signup_at", Kind.DATETIME, "signup_at"),
+        Attribute("tier", Kind.STRING, "tier"),
+        Attribute("points", Kind.NUMBER, "points"),
+        Attribute("total_spend", Kind.NUMBER, "total_spend"),
+        Attribute("order_count", Kind.NUMBER, "order_count"),
+        Attribute("last_order_at", Kind.DATETIME, "last_order_at"),
+        Attribute("email_opt_in", Kind.BOOL, "email_opt_in"),
+        Attribute("sms_opt_in", Kind.BOOL, "sms_opt_in"),
+    )
+}
+
+DATE_ATTRIBUTES = ("birthday", "signup_at")
+
+
+def resolve(name: str, *, allow_event: bool = False) -> Attribute | None:
+    """The attribute a condition key names, or None if it names nothing."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    prefix, _, rest = name.partition(".")
+    if prefix == "attributes" and rest:
+        return Attribute(name, Kind.ANY, json_key=rest)
+    if prefix == "event" and rest and allow_event:
+        return Attribute(name, Kind.ANY, event_key=rest)
+    return None

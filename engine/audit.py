@@ -1,0 +1,128 @@
+"""The message log's hash chain.
+
+Every row carries ``content_hash`` (what was said, to whom) and ``hash`` =
+H(prev_hash, the row's identity, content_hash). Appends lock the chain's head
+row, so several daemons append one chain in one order. ``member forget``
+blanks personal fields but keeps ``content_hash``, so the chain still
+verifies after an erasure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from engine.models import audit_head, messages
+
+GENESIS = "0" * 64
+CONTENT_FIELDS = ("recipient", "subject", "body", "html", "template", "locale", "variant")
+
+
+def content_hash(row: dict[str, Any]) -> str:
+    blob = json.dumps([row.get(f) for f in CONTENT_FIELDS], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def chain_hash(prev: str, row: dict[str, Any]) -> str:
+    created: datetime = row["created_at"]
+    parts = (prev, str(row["id"]), row["member_id"], row["journey"], str(row["journey_version"]), row["step"],
+             row["channel"], created.strftime("%Y-%m-%dT%H:%M:%S.%f"), row["content_hash"])
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _lock_head(conn: Connection, dialect: str) -> tuple[int, str]:
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    conn.execute(insert(audit_head).values(id=1, last_seq=0, last_hash=GENESIS).on_conflict_do_nothing())
+    row = conn.execute(select(audit_head.c.last_seq, audit_head.c.last_hash).where(audit_head.c.id == 1)
+                       .with_for_update()).one()
+    return int(row.last_seq), str(row.last_hash)
+
+
+def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert message rows, chaining them; rows whose (journey, enrollment, step) exists are dropped.
+
+    Returns the rows actually inserted, with ``id`` and hashes set. Must run in
+    the caller's transaction: the head lock is held until it commits.
+    """
+    if not rows:
+        return []
+    seq, prev = _lock_head(conn, dialect)
+    keys = [(r["journey"], r["enrollment_id"], r["step"]) for r in rows]
+    existing: set[tuple[str, int, str]] = set()
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        found = conn.execute(
+            select(messages.c.journey, messages.c.enrollment_id, messages.c.step)
+            .where(tuple_(messages.c.journey, messages.c.enrollment_id, messages.c.step).in_(chunk))
+        ).all()
+        existing.update((j, int(e), s) for j, e, s in found)
+    inserted: list[dict[str, Any]] = []
+    for row, key in zip(rows, keys, strict=True):
+        if key in existing:
+            continue
+        existing.add(key)
+        seq += 1
+        row["id"] = seq
+        row["content_hash"] = content_hash(row)
+        row["prev_hash"] = prev
+        row["hash"] = prev = chain_hash(prev, row)
+        inserted.append(row)
+    if inserted:
+        conn.execute(messages.insert(), inserted)
+        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_seq=seq, last_hash=prev))
+    return inserted
+
+
+@dataclass(frozen=True)
+class Verification:
+    rows: int
+    first_bad_id: int | None = None
+    problem: str | None = None
+    redacted: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad_id is None and self.problem is None
+
+
+def _rows(conn: Connection, batch: int = 5000) -> Iterator[dict[str, Any]]:
+    last = 0
+    while True:
+        chunk = conn.execute(select(messages).where(messages.c.id > last).order_by(messages.c.id).limit(batch)) \
+            .mappings().all()
+        if not chunk:
+            return
+        for row in chunk:
+            yield dict(row)
+        last = int(chunk[-1]["id"])
+
+
+def verify(conn: Connection) -> Verification:
+    """Walk the chain from the first row; stop at the first row that does not check out."""
+    prev, expected_id, count, redacted = GENESIS, 1, 0, 0
+    for row in _rows(conn):
+        count += 1
+        if row["id"] != expected_id:
+            return Verification(count, row["id"], f"row {expected_id} is missing (the next row is {row['id']})")
+        if row["prev_hash"] != prev:
+            return Verification(count, row["id"], "prev_hash does not match the row before it")
+        if row["redacted"]:
+            redacted += 1
+        elif content_hash(row) != row["content_hash"]:
+            return Verification(count, row["id"], "content (recipient, subject, body…) was changed after it was logged")
+        if chain_hash(prev, row) != row["hash"]:
+            return Verification(count, row["id"], "hash does not match the row's fields")
+        prev = row["hash"]
+        expected_id += 1
+    head = conn.execute(select(audit_head.c.last_seq, audit_head.c.last_hash).where(audit_head.c.id == 1)).first()
+    if head is not None and (int(head.last_seq) != expected_id - 1 or head.last_hash != prev):
+        return Verification(count, None, f"the chain ends at row {expected_id - 1} but the head records row "
+                                          f"{head.last_seq}: rows were deleted from the end")
+    return Verification(count, redacted=redacted)

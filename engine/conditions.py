@@ -1,0 +1,414 @@
+"""The condition language: one grammar, two evaluators.
+
+A condition is YAML, not code::
+
+    all:
+      - tier: {in: [gold, diamond]}
+      - last_order_at: {before: 60d}
+      - not: {segment: vip_blocklist}
+
+It compiles to SQL (audience selection over the whole members table) and
+evaluates in Python (per event); both give the same answer. A missing
+attribute (NULL) fails every test except ``exists: false``, in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Union
+
+from sqlalchemy import Float, and_, case, false, func, not_, or_, true
+from sqlalchemy.sql.elements import ColumnElement
+
+from engine import attributes as attrs
+from engine.attributes import Attribute, Kind
+from engine.durations import parse_duration
+from engine.models import members
+from engine.problems import Problems, did_you_mean
+from engine.yamlsrc import UNKNOWN, Mark, YMap, YSeq
+
+OPERATORS = ("eq", "ne", "in", "gt", "gte", "lt", "lte", "before", "within", "exists")
+_ORDERED = ("gt", "gte", "lt", "lte")
+_COMBINATORS = ("all", "any", "not", "segment")
+
+
+@dataclass(frozen=True)
+class Test:
+    attribute: Attribute
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class AllOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class NotOf:
+    item: Condition
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    name: str
+    mark: Mark = UNKNOWN
+
+
+Condition = Union[Test, AllOf, AnyOf, NotOf, SegmentRef]
+
+
+def _mark(container: Any, key: Any) -> Mark:
+    if isinstance(container, YMap):
+        return container.value_mark(key)
+    if isinstance(container, YSeq):
+        return container.item_mark(key)
+    return UNKNOWN
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse(value: Any, mark: Mark, problems: Problems, where: str, *, allow_event: bool = False) -> Condition | None:
+    """Parse a condition; on error add problems (naming WHERE) and return None."""
+    if not isinstance(value, dict) or not value:
+        problems.add(mark, f"{where} must be a mapping such as {{tier: gold}} or {{all: [...]}}, got: {value!r}")
+        return None
+    parts: list[Condition] = []
+    ok = True
+    for key, item in value.items():
+        item_mark = _mark(value, key)
+        key_mark = value.key_mark(key) if isinstance(value, YMap) else UNKNOWN
+        part = _parse_entry(key, item, key_mark, item_mark, problems, f"{where}.{key}", allow_event)
+        if part is None:
+            ok = False
+        else:
+            parts.append(part)
+    if not ok:
+        return None
+    return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+
+def _parse_entry(
+    key: str, item: Any, key_mark: Mark, mark: Mark, problems: Problems, where: str, allow_event: bool
+) -> Condition | None:
+    if key in ("all", "any"):
+        if not isinstance(item, list) or not item:
+            problems.add(mark, f"{where} must be a non-empty list of conditions, got: {item!r}")
+            return None
+        items = [parse(sub, _mark(item, i), problems, f"{where}[{i}]", allow_event=allow_event)
+                 for i, sub in enumerate(item)]
+        if any(i is None for i in items):
+            return None
+        clean = tuple(i for i in items if i is not None)
+        return AllOf(clean) if key == "all" else AnyOf(clean)
+    if key == "not":
+        inner = parse(item, mark, problems, where, allow_event=allow_event)
+        return None if inner is None else NotOf(inner)
+    if key == "segment":
+        if not isinstance(item, str) or not item:
+            problems.add(mark, f"{where} must be the name of a segment in rules/segments.yaml, got: {item!r}")
+            return None
+        return SegmentRef(item, mark)
+    attribute = attrs.resolve(key, allow_event=allow_event)
+    if attribute is None:
+        choices = [*attrs.BUILTIN, *_COMBINATORS]
+        hint = did_you_mean(key, choices)
+        extra = " (your own attributes are written attributes.NAME"
+        extra += ", event properties event.NAME)" if allow_event else ")"
+        problems.add(key_mark, f"unknown attribute {key!r}{hint}{extra}")
+        return None
+    if not isinstance(item, dict):
+        # Shorthand: `tier: gold` means `tier: {eq: gold}`.
+        return _parse_test(attribute, "eq", item, mark, problems, where)
+    tests: list[Condition] = []
+    ok = True
+    for op, operand in item.items():
+        op_mark = item.key_mark(op) if isinstance(item, YMap) else UNKNOWN
+        if op not in OPERATORS:
+            problems.add(op_mark, f"unknown test {op!r} in {where}{did_you_mean(op, OPERATORS)}")
+            ok = False
+            continue
+        test = _parse_test(attribute, op, operand, _mark(item, op), problems, f"{where}.{op}")
+        if test is None:
+            ok = False
+        else:
+            tests.append(test)
+    if not ok or not tests:
+        if ok:
+            problems.add(mark, f"{where} needs a test such as {{eq: ...}}; expected one of: {', '.join(OPERATORS)}")
+        return None
+    return tests[0] if len(tests) == 1 else AllOf(tuple(tests))
+
+
+def _parse_time(text: Any, kind: Kind) -> datetime | date | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        if kind is Kind.DATE:
+            return date.fromisoformat(text)
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _scalar_ok(attribute: Attribute, value: Any) -> bool:
+    kind = attribute.kind
+    if kind is Kind.ANY:
+        return isinstance(value, (str, int, float, bool))
+    if kind is Kind.NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is Kind.BOOL:
+        return isinstance(value, bool)
+    if kind is Kind.STRING:
+        return isinstance(value, str)
+    return False
+
+
+def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems: Problems, where: str) -> Test | None:
+    name, kind = attribute.name, attribute.kind
+
+    def bad(expected: str) -> None:
+        problems.add(mark, f"{where} must be {expected}, got: {value!r}")
+
+    if op == "exists":
+        if not isinstance(value, bool):
+            bad("true or false")
+            return None
+        return Test(attribute, op, value)
+    if op in ("before", "within"):
+        if not attribute.is_time:
+            problems.add(mark, f"{op!r} only applies to dates and times (birthday, signup_at, last_order_at), "
+                               f"not to {name}")
+            return None
+        try:
+            return Test(attribute, op, parse_duration(value))
+        except ValueError as exc:
+            problems.add(mark, f"{where}: {exc}")
+            return None
+    if attribute.is_time:
+        if op == "in":
+            problems.add(mark, f"{where}: 'in' does not apply to dates; use gte/lte, before or within")
+            return None
+        parsed = _parse_time(value, kind)
+        if parsed is None:
+            bad("an ISO date such as 2026-01-31" + ("" if kind is Kind.DATE else " or date-time 2026-01-31T10:00:00+08:00"))
+            return None
+        return Test(attribute, op, parsed)
+    if op == "in":
+        if not isinstance(value, list) or not value or not all(_scalar_ok(attribute, v) for v in value):
+            bad(f"a non-empty list of {kind.value if kind is not Kind.ANY else 'plain'} values")
+            return None
+        kinds = {_value_kind(v) for v in value}
+        if len(kinds) > 1:
+            bad("a list of values of one type (all text or all numbers)")
+            return None
+        return Test(attribute, op, tuple(value))
+    if not _scalar_ok(attribute, value):
+        bad(f"a {kind.value} value" if kind is not Kind.ANY else "a plain value (text, number, true/false)")
+        return None
+    if op in _ORDERED and (_value_kind(value) != "number"):
+        bad("a number (gt/gte/lt/lte compare numbers and dates only)")
+        return None
+    return Test(attribute, op, value)
+
+
+def _value_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "string"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def segment_refs(cond: Condition) -> list[SegmentRef]:
+    if isinstance(cond, SegmentRef):
+        return [cond]
+    if isinstance(cond, (AllOf, AnyOf)):
+        return [ref for item in cond.items for ref in segment_refs(item)]
+    if isinstance(cond, NotOf):
+        return segment_refs(cond.item)
+    return []
+
+
+def uses_event(cond: Condition, segments: Mapping[str, Condition] | None = None) -> bool:
+    if isinstance(cond, Test):
+        return cond.attribute.event_key is not None
+    if isinstance(cond, (AllOf, AnyOf)):
+        return any(uses_event(i, segments) for i in cond.items)
+    if isinstance(cond, NotOf):
+        return uses_event(cond.item, segments)
+    return False
+
+
+# --------------------------------------------------------------------------- Python evaluation
+
+
+def evaluate(
+    cond: Condition,
+    member: Mapping[str, Any],
+    now: datetime,
+    segments: Mapping[str, Condition],
+    event: Mapping[str, Any] | None = None,
+) -> bool:
+    """Evaluate against one member (a mapping of column values plus ``attributes``) and optional event properties."""
+    if isinstance(cond, AllOf):
+        return all(evaluate(i, member, now, segments, event) for i in cond.items)
+    if isinstance(cond, AnyOf):
+        return any(evaluate(i, member, now, segments, event) for i in cond.items)
+    if isinstance(cond, NotOf):
+        return not evaluate(cond.item, member, now, segments, event)
+    if isinstance(cond, SegmentRef):
+        return evaluate(segments[cond.name], member, now, segments, event)
+    return _evaluate_test(cond, member, now, event)
+
+
+def _lookup(attribute: Attribute, member: Mapping[str, Any], event: Mapping[str, Any] | None) -> Any:
+    if attribute.column is not None:
+        return member.get(attribute.column)
+    if attribute.json_key is not None:
+        return (member.get("attributes") or {}).get(attribute.json_key)
+    return (event or {}).get(attribute.event_key or "")
+
+
+def _evaluate_test(test: Test, member: Mapping[str, Any], now: datetime, event: Mapping[str, Any] | None) -> bool:
+    actual = _lookup(test.attribute, member, event)
+    op, expected = test.op, test.value
+    if op == "exists":
+        return (actual is not None) is expected
+    if actual is None:
+        return False
+    if test.attribute.is_time:
+        cutoff: Any
+        if op in ("before", "within"):
+            cutoff = now - expected
+            if test.attribute.kind is Kind.DATE:
+                cutoff, upper = cutoff.date(), now.date()
+            else:
+                upper = now
+            return actual < cutoff if op == "before" else cutoff <= actual <= upper
+        return _compare(op, actual, expected)
+    if test.attribute.kind is Kind.ANY:
+        probe = expected[0] if op == "in" else expected
+        if _value_kind(actual) != _value_kind(probe):
+            return False
+    return _compare(op, actual, expected)
+
+
+def _compare(op: str, actual: Any, expected: Any) -> bool:
+    if op == "eq":
+        return bool(actual == expected)
+    if op == "ne":
+        return bool(actual != expected)
+    if op == "in":
+        return actual in expected
+    if op == "gt":
+        return bool(actual > expected)
+    if op == "gte":
+        return bool(actual >= expected)
+    if op == "lt":
+        return bool(actual < expected)
+    if op == "lte":
+        return bool(actual <= expected)
+    raise AssertionError(op)
+
+
+# --------------------------------------------------------------------------- SQL compilation
+
+
+def to_sql(cond: Condition, now: datetime, segments: Mapping[str, Condition], dialect: str) -> ColumnElement[bool]:
+    """Compile to a WHERE clause over ``members``; never NULL, so NOT behaves as in Python."""
+    if isinstance(cond, AllOf):
+        return and_(true(), *(to_sql(i, now, segments, dialect) for i in cond.items))
+    if isinstance(cond, AnyOf):
+        return or_(false(), *(to_sql(i, now, segments, dialect) for i in cond.items))
+    if isinstance(cond, NotOf):
+        return not_(to_sql(cond.item, now, segments, dialect))
+    if isinstance(cond, SegmentRef):
+        return to_sql(segments[cond.name], now, segments, dialect)
+    return _test_sql(cond, now, dialect)
+
+
+def _test_sql(test: Test, now: datetime, dialect: str) -> ColumnElement[bool]:
+    attribute, op, expected = test.attribute, test.op, test.value
+    if attribute.event_key is not None:
+        raise ValueError(f"{attribute.name} refers to an event and cannot select an audience")
+    if attribute.json_key is not None:
+        return _json_test_sql(attribute.json_key, op, expected, dialect)
+    col = members.c[attribute.column or ""]
+    if op == "exists":
+        return col.is_not(None) if expected else col.is_(None)
+    present = col.is_not(None)
+    if op in ("before", "within"):
+        cutoff: Any = now - expected
+        upper: Any = now
+        if attribute.kind is Kind.DATE:
+            cutoff, upper = cutoff.date(), now.date()
+        if op == "before":
+            return and_(present, col < cutoff)
+        return and_(present, col >= cutoff, col <= upper)
+    return and_(present, _compare_sql(op, col, expected))
+
+
+def _compare_sql(op: str, col: Any, expected: Any) -> ColumnElement[bool]:
+    if op == "eq":
+        return col == expected  # type: ignore[no-any-return]
+    if op == "ne":
+        return col != expected  # type: ignore[no-any-return]
+    if op == "in":
+        return col.in_(list(expected))  # type: ignore[no-any-return]
+    if op == "gt":
+        return col > expected  # type: ignore[no-any-return]
+    if op == "gte":
+        return col >= expected  # type: ignore[no-any-return]
+    if op == "lt":
+        return col < expected  # type: ignore[no-any-return]
+    if op == "lte":
+        return col <= expected  # type: ignore[no-any-return]
+    raise AssertionError(op)
+
+
+_SQLITE_TYPES = {"number": ("integer", "real"), "string": ("text",), "bool": ("true", "false")}
+_PG_TYPES = {"number": ("number",), "string": ("string",), "bool": ("boolean",)}
+
+
+def _json_test_sql(key: str, op: str, expected: Any, dialect: str) -> ColumnElement[bool]:
+    if dialect == "sqlite":
+        path = '$."' + key.replace('"', '\\"') + '"'
+        jtype = func.coalesce(func.json_type(members.c.attributes, path), "null")
+        raw: Any = func.json_extract(members.c.attributes, path)
+        types = _SQLITE_TYPES
+    else:
+        element = members.c.attributes.op("->")(key)
+        jtype = func.coalesce(func.json_typeof(element), "null")
+        raw = members.c.attributes.op("->>")(key)
+        types = _PG_TYPES
+    if op == "exists":
+        present = jtype != "null"
+        return present if expected else not_(present)
+    kind = _value_kind(expected[0] if op == "in" else expected)
+    is_kind = jtype.in_(types[kind])
+    if kind == "number":
+        value: Any = case((is_kind, raw), else_=None).cast(Float) if dialect != "sqlite" else raw
+    elif kind == "bool":
+        value = raw
+        if dialect == "sqlite":
+            # json_extract gives 1/0 for JSON booleans.
+            expected = (tuple(int(v) for v in expected) if op == "in" else int(expected))
+        else:
+            expected = (tuple("true" if v else "false" for v in expected) if op == "in"
+                        else ("true" if expected else "false"))
+    else:
+        value = raw
+    return and_(is_kind, func.coalesce(_compare_sql(op, value, expected), false()))

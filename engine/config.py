@@ -1,0 +1,276 @@
+"""config.yaml: loading, ``${ENV}`` interpolation and strict validation.
+
+Unknown keys are errors (with a did-you-mean); bad values are rejected, never
+clamped. Relative paths resolve against the folder that holds the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.durations import parse_duration
+from engine.exceptions import ConfigError
+from engine.yamlsrc import UNKNOWN, Mark, YamlSyntaxError, YMap, YSeq, load_yaml
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DatabaseConfig(_Strict):
+    url: str = "sqlite:///var/engine.db"
+
+
+class SchedulerConfig(_Strict):
+    interval: int = Field(60, gt=0, description="seconds between ticks")
+    batch_size: int = Field(500, gt=0, le=10_000)
+    lease_seconds: int = Field(300, gt=0)
+
+
+class ChannelConfig(_Strict):
+    provider: Literal["twilio", "sendgrid", "console", "outbox"]
+    account_sid: str | None = None
+    auth_token: str | None = None
+    messaging_service_sid: str | None = None
+    api_key: str | None = None
+    webhook_public_key: str | None = None
+    sender: str | None = Field(None, alias="from")
+    base_url: str | None = None
+    rate_per_second: float | None = Field(None, gt=0)
+    path: str | None = Field(None, description="outbox file (outbox provider)")
+    timeout: float = Field(10.0, gt=0)
+
+
+class ChannelsConfig(_Strict):
+    sms: ChannelConfig = ChannelConfig(provider="outbox")
+    email: ChannelConfig = ChannelConfig(provider="outbox")
+
+    @model_validator(mode="after")
+    def _providers_fit_channels(self) -> ChannelsConfig:
+        if self.sms.provider == "sendgrid":
+            raise ValueError("channels.sms.provider must be twilio, console or outbox, got: sendgrid")
+        if self.email.provider == "twilio":
+            raise ValueError("channels.email.provider must be sendgrid, console or outbox, got: twilio")
+        return self
+
+
+class WebConfig(_Strict):
+    listen: str = "127.0.0.1:8080"
+    public_url: str = "http://127.0.0.1:8080"
+    api_token: str | None = None
+
+
+class QuietHours(_Strict):
+    start: str = "21:00"
+    end: str = "08:00"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"must be a time written HH:MM (24-hour, quoted), got: {value!r}")
+        return value
+
+
+class FrequencyCap(_Strict):
+    channel: Literal["any", "sms", "email"] = "any"
+    max: int = Field(gt=0)
+    per: str
+
+    @field_validator("per")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def window(self) -> timedelta:
+        return parse_duration(self.per)
+
+
+class Config(_Strict):
+    database: DatabaseConfig = DatabaseConfig()
+    rules_dir: str = "rules"
+    templates_dir: str = "templates"
+    var_dir: str = "var"
+    default_locale: str = "zh-CN"
+    default_timezone: str = "Asia/Shanghai"
+    default_region: str = Field("CN", description="phone numbering region for numbers without +country code")
+    currency: str = "CNY"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    channels: ChannelsConfig = ChannelsConfig()
+    web: WebConfig = WebConfig()
+    quiet_hours: QuietHours | None = QuietHours()
+    frequency_caps: list[FrequencyCap] = []
+
+    # Not from the file: where it was, so relative paths can be resolved.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"must be an IANA time zone such as Asia/Shanghai, got: {value!r}") from None
+        return value
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def rules_path(self) -> Path:
+        return self.path(self.rules_dir)
+
+    @property
+    def templates_path(self) -> Path:
+        return self.path(self.templates_dir)
+
+    @property
+    def var_path(self) -> Path:
+        return self.path(self.var_dir)
+
+    @property
+    def database_url(self) -> str:
+        """The URL with a relative SQLite path made absolute against the config's folder."""
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+            return prefix + str(self.path(url[len(prefix) :]))
+        return url
+
+    def outbox_path(self, channel: str) -> Path:
+        configured = getattr(self.channels, channel).path
+        return self.path(configured) if configured else self.var_path / "outbox" / f"{channel}.jsonl"
+
+
+def _interpolate(value: Any, problems: list[str], where: Mark, filename: str) -> Any:
+    if isinstance(value, YMap):
+        out = YMap(value.mark)
+        out.key_marks, out.value_marks = value.key_marks, value.value_marks
+        for key, item in value.items():
+            out[key] = _interpolate(item, problems, value.value_mark(key), filename)
+        return out
+    if isinstance(value, YSeq):
+        seq = YSeq(value.mark)
+        seq.item_marks = value.item_marks
+        seq.extend(_interpolate(item, problems, value.item_mark(i), filename) for i, item in enumerate(value))
+        return seq
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{filename}:{where.line}:{where.col}: environment variable {name} is not set; "
+                f"export it or write ${{{name}:-default}}"
+            )
+            return ""
+
+        return _ENV.sub(sub, value)
+    return value
+
+
+def _locate(data: Any, loc: tuple[int | str, ...]) -> Mark:
+    mark = getattr(data, "mark", UNKNOWN)
+    node = data
+    for part in loc:
+        if isinstance(node, YMap) and isinstance(part, str):
+            key = part if part in node else ("from" if part == "sender" and "from" in node else None)
+            if key is None:
+                return mark
+            mark = node.value_mark(key)
+            node = node[key]
+        elif isinstance(node, YSeq) and isinstance(part, int) and 0 <= part < len(node):
+            mark = node.item_mark(part)
+            node = node[part]
+        else:
+            return mark
+    return mark
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        current = candidates[0]
+    return [f.alias or name for name, f in getattr(current, "model_fields", {}).items() if name != "base_dir"]
+
+
+def _describe(error: dict[str, Any], data: Any, filename: str) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        mark = _locate_key(data, parent, key)
+        known = _known_fields(Config, parent)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return f"{filename}:{mark.line}:{mark.col}: unknown key {dotted!r}{hint}"
+    mark = _locate(data, loc)
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{filename}:{mark.line}:{mark.col}: {dotted}: {message}"
+
+
+def _locate_key(data: Any, parent: tuple[int | str, ...], key: str) -> Mark:
+    node = data
+    for part in parent:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return _locate(data, parent)
+    return node.key_mark(key) if isinstance(node, YMap) else _locate(data, parent)
+
+
+def load_config(path: str | Path = "config.yaml", db_url: str | None = None, *, required: bool = False) -> Config:
+    """Load and validate config.yaml; a missing default file means all defaults."""
+    file = Path(path)
+    if not file.exists():
+        if required:
+            raise ConfigError(f"{file}: no such file; pass --config PATH or create config.yaml")
+        config = Config(base_dir=file.resolve().parent)
+    else:
+        text = file.read_text(encoding="utf-8")
+        try:
+            raw = load_yaml(text)
+        except YamlSyntaxError as exc:
+            raise ConfigError(f"{file}:{exc.mark.line}:{exc.mark.col}: {exc.message}") from None
+        if raw is None:
+            raw = YMap()
+        if not isinstance(raw, YMap):
+            raise ConfigError(f"{file}:1:1: config must be a mapping of keys to values")
+        problems: list[str] = []
+        data = _interpolate(raw, problems, raw.mark, str(file))
+        try:
+            config = Config.model_validate({**data, "base_dir": file.resolve().parent})
+        except ValidationError as exc:
+            problems.extend(_describe(e, data, str(file)) for e in exc.errors())
+        if problems:
+            raise ConfigError("\n".join(problems))
+    if db_url:
+        config = config.model_copy(update={"database": DatabaseConfig(url=db_url)})
+    return config

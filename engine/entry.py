@@ -1,0 +1,325 @@
+"""Who enters and who leaves: event triggers, segment and date triggers, exit rules, goals.
+
+Segment entry is one INSERT … SELECT per journey: the audience is evaluated in
+the database, never by loading members into Python. Each journey's entry phase
+runs under its journey_state row lock, so two daemons never enter the same
+journey at once; UNIQUE constraints stop duplicates regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, and_, bindparam, exists, false, func, literal, or_, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement
+
+from engine import queries
+from engine.conditions import evaluate, to_sql
+from engine.journey import DateTrigger, EventTrigger, Journey, SegmentTrigger
+from engine.models import EnrollmentStatus, UTCDateTime, enrollments, events, journey_state, members
+from engine.report import TickReport
+from engine.timeutil import zone
+from engine.versions import LiveJourney
+
+if TYPE_CHECKING:
+    from engine.app import App
+
+log = logging.getLogger(__name__)
+
+DATE_CATCH_UP = timedelta(days=3)  # after downtime, date triggers fire up to this late, never later
+ACTIVE = EnrollmentStatus.ACTIVE.value
+
+
+@dataclass
+class History:
+    active: bool
+    last_entered: datetime
+
+
+def eligible(journey: Journey, history: History | None, now: datetime) -> bool:
+    """The entry rule: never twice at once; then never / always / after a cooldown since the last entry."""
+    if history is None:
+        return True
+    if history.active:
+        return False
+    rule = journey.entry.reentry
+    if rule == "never":
+        return False
+    if rule == "always":
+        return True
+    assert isinstance(rule, timedelta)
+    return history.last_entered <= now - rule
+
+
+def _histories(conn: Connection, journey_ids: Iterable[str], member_ids: Iterable[str]) -> dict[tuple[str, str], History]:
+    ids, journeys = list(set(member_ids)), list(set(journey_ids))
+    if not ids or not journeys:
+        return {}
+    is_active = func.max(func.cast(enrollments.c.status == ACTIVE, enrollments.c.journey_version.type))
+    stmt = (select(enrollments.c.journey_id, enrollments.c.member_id, func.max(enrollments.c.entered_at), is_active)
+            .where(enrollments.c.member_id.in_(ids), enrollments.c.journey_id.in_(journeys))
+            .group_by(enrollments.c.journey_id, enrollments.c.member_id))
+    out = {}
+    for journey_id, member_id, last, active in conn.execute(stmt):
+        out[(journey_id, member_id)] = History(bool(active), last)
+    return out
+
+
+def _insert(dialect: str) -> Any:
+    return sqlite.insert if dialect == "sqlite" else postgresql.insert
+
+
+def _enrollment(live: LiveJourney, member_id: str, trigger_key: str, now: datetime,
+                event_id: int | None = None) -> dict[str, Any]:
+    return {"journey_id": live.id, "journey_version": live.version, "member_id": member_id,
+            "trigger_key": trigger_key, "event_id": event_id, "status": ACTIVE, "step": live.journey.first_step,
+            "next_run_at": now, "entered_at": now, "ended_at": None, "exit_reason": None, "converted_at": None,
+            "variant": None, "claimed_by": None, "claimed_until": None}
+
+
+class EntryPhase:
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    # ------------------------------------------------------------------ events
+
+    def handle_events(self, now: datetime, live: dict[str, LiveJourney], report: TickReport,
+                      stop: Callable[[], bool]) -> None:
+        running = [j for j in live.values() if j.journey.runs]
+        while not stop():
+            with self.app.store.begin() as conn:
+                ids = queries.claim_unhandled_events(conn, now, self.app.config.scheduler.batch_size)
+                if not ids:
+                    return
+                self._match(conn, ids, now, running, report)
+                conn.execute(update(events).where(events.c.id.in_(ids)).values(handled_at=now))
+                report.add("events", len(ids))
+
+    def _match(self, conn: Connection, ids: list[int], now: datetime, running: list[LiveJourney],
+               report: TickReport) -> None:
+        batch = [dict(r) for r in conn.execute(select(events).where(events.c.id.in_(ids)).order_by(events.c.id))
+                 .mappings()]
+        member_ids = list({e["member_id"] for e in batch})
+        people = {r["id"]: dict(r) for r in conn.execute(
+            select(members).where(members.c.id.in_(member_ids), members.c.forgotten_at.is_(None))).mappings()}
+        open_rows = [dict(r) for r in conn.execute(
+            select(enrollments.c.id, enrollments.c.journey_id, enrollments.c.journey_version,
+                   enrollments.c.member_id, enrollments.c.status, enrollments.c.entered_at,
+                   enrollments.c.converted_at)
+            .where(enrollments.c.member_id.in_(member_ids),
+                   or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings()]
+        triggered = [j for j in running if isinstance(j.journey.trigger, EventTrigger)]
+        histories = _histories(conn, [j.id for j in triggered], member_ids)
+        exits: dict[int, str] = {}
+        conversions: dict[int, datetime] = {}
+        new_rows: list[dict[str, Any]] = []
+        for event in batch:
+            member = people.get(event["member_id"])
+            if member is None:
+                continue
+            props = event["properties"] or {}
+            for row in open_rows:
+                if row["member_id"] != member["id"]:
+                    continue
+                version = self.app.versions.get(conn, row["journey_id"], row["journey_version"])
+                if version is None:
+                    continue
+                self._goal_and_exit(version, row, event, member, props, now, exits, conversions)
+            for live in triggered:
+                trigger = live.journey.trigger
+                assert isinstance(trigger, EventTrigger)
+                if trigger.event != event["type"]:
+                    continue
+                if trigger.where is not None and not evaluate(trigger.where, member, now, live.segments, props):
+                    continue
+                key = (live.id, member["id"])
+                if not eligible(live.journey, histories.get(key), now):
+                    continue
+                histories[key] = History(True, now)
+                new_rows.append(_enrollment(live, member["id"], f"event:{event['id']}", now, event["id"]))
+        if conversions:
+            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"))
+                         .values(converted_at=bindparam("_at")),
+                         [{"_id": k, "_at": v} for k, v in conversions.items()])
+            report.add("converted", len(conversions))
+        if exits:
+            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
+                         .values(status=EnrollmentStatus.EXITED.value, ended_at=now, exit_reason=bindparam("_why"),
+                                 next_run_at=None),
+                         [{"_id": k, "_why": v} for k, v in exits.items()])
+            report.add("exited", len(exits))
+        if new_rows:
+            result = conn.execute(_insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing(), new_rows)
+            report.add("enrolled", max(0, result.rowcount) if result.rowcount is not None else len(new_rows))
+
+    @staticmethod
+    def _goal_and_exit(live: LiveJourney, row: dict[str, Any], event: Mapping[str, Any], member: Mapping[str, Any],
+                       props: Mapping[str, Any], now: datetime, exits: dict[int, str],
+                       conversions: dict[int, datetime]) -> None:
+        journey = live.journey
+        at = event["occurred_at"]
+        goal = journey.goal
+        if (goal is not None and goal.event == event["type"] and row["converted_at"] is None
+                and row["id"] not in conversions and row["entered_at"] <= at <= row["entered_at"] + goal.within
+                and (goal.where is None or evaluate(goal.where, member, now, live.segments, props))):
+            conversions[row["id"]] = at
+        rule = journey.exit_when
+        if (rule is not None and rule.event == event["type"] and row["status"] == ACTIVE
+                and at >= row["entered_at"]
+                and (rule.where is None or evaluate(rule.where, member, now, live.segments, props))):
+            exits.setdefault(row["id"], f"exit_when: {event['type']} event")
+
+    # ------------------------------------------------------------------ condition exits
+
+    def exit_by_condition(self, now: datetime, live: dict[str, LiveJourney], report: TickReport) -> None:
+        dialect = self.app.store.dialect
+        with self.app.store.begin() as conn:
+            for journey in live.values():
+                versions = conn.execute(select(enrollments.c.journey_version).distinct().where(
+                    enrollments.c.journey_id == journey.id, enrollments.c.status == ACTIVE)).scalars().all()
+                for number in versions:
+                    version = self.app.versions.get(conn, journey.id, number)
+                    if version is None or version.journey.exit_when is None:
+                        continue
+                    condition = version.journey.exit_when.condition
+                    if condition is None:
+                        continue
+                    matching = select(members.c.id).where(to_sql(condition, now, version.segments, dialect))
+                    result = conn.execute(
+                        update(enrollments)
+                        .where(enrollments.c.journey_id == journey.id, enrollments.c.journey_version == number,
+                               enrollments.c.status == ACTIVE, enrollments.c.member_id.in_(matching.scalar_subquery()))
+                        .values(status=EnrollmentStatus.EXITED.value, ended_at=now, next_run_at=None,
+                                exit_reason="exit_when: condition met"))
+                    report.add("exited", int(result.rowcount or 0))
+
+    # ------------------------------------------------------------------ segment and date triggers
+
+    def enter(self, now: datetime, live: dict[str, LiveJourney], report: TickReport) -> None:
+        for journey in live.values():
+            trigger = journey.journey.trigger
+            if not journey.journey.runs or isinstance(trigger, EventTrigger):
+                continue
+            with self.app.store.begin() as conn:
+                state = conn.execute(select(journey_state.c.date_cursor)
+                                     .where(journey_state.c.journey_id == journey.id)
+                                     .with_for_update(skip_locked=True)).first()
+                if state is None:
+                    continue  # another daemon is entering this journey right now
+                if isinstance(trigger, SegmentTrigger):
+                    report.add("enrolled", self._enter_segment(conn, journey, trigger, now))
+                elif isinstance(trigger, DateTrigger):
+                    report.add("enrolled", self._enter_date(conn, journey, trigger, state.date_cursor, now))
+                    conn.execute(update(journey_state).where(journey_state.c.journey_id == journey.id)
+                                 .values(date_cursor=now))
+
+    def _not_blocked(self, journey: LiveJourney, now: datetime) -> ColumnElement[bool]:
+        rule = journey.journey.entry.reentry
+        previous = enrollments.alias("previous")
+        if rule == "never":
+            blocking: ColumnElement[bool] = true()
+        elif rule == "always":
+            blocking = false()
+        else:
+            assert isinstance(rule, timedelta)
+            blocking = previous.c.entered_at > literal(now - rule, UTCDateTime())
+        return ~exists(select(previous.c.id).where(
+            previous.c.journey_id == journey.id, previous.c.member_id == members.c.id,
+            or_(previous.c.status == ACTIVE, blocking)))
+
+    def _enter_segment(self, conn: Connection, journey: LiveJourney, trigger: SegmentTrigger, now: datetime) -> int:
+        audience = to_sql(trigger.condition, now, journey.segments, self.app.store.dialect)
+        stamp = literal(now, UTCDateTime())
+        select_new = select(
+            literal(journey.id), literal(journey.version), members.c.id,
+            literal(f"segment:{now.strftime('%Y%m%dT%H%M%S.%f')}"), literal(ACTIVE),
+            literal(journey.journey.first_step), stamp, stamp,
+        ).where(members.c.forgotten_at.is_(None), audience, self._not_blocked(journey, now))
+        columns = ["journey_id", "journey_version", "member_id", "trigger_key", "status", "step", "next_run_at",
+                   "entered_at"]
+        stmt = _insert(self.app.store.dialect)(enrollments).from_select(columns, select_new).on_conflict_do_nothing()
+        return int(conn.execute(stmt).rowcount or 0)
+
+    def _enter_date(self, conn: Connection, journey: LiveJourney, trigger: DateTrigger, cursor: datetime | None,
+                    now: datetime) -> int:
+        start = max(cursor or now - timedelta(days=1), now - DATE_CATCH_UP)
+        if start >= now:
+            return 0
+        column = members.c[trigger.attribute]
+        # Every calendar day any time zone could be on during (start, now], shifted back by the offset.
+        days = [start.date() - timedelta(days=1) + timedelta(days=i)
+                for i in range((now.date() - start.date()).days + 3)]
+        wanted: set[tuple[int, int]] = set()
+        for day in days:
+            anniversary = day - timedelta(days=trigger.offset_days)
+            wanted.add((anniversary.month, anniversary.day))
+            if trigger.attribute == "signup_at":  # stored in UTC: its local date may be a day either side
+                for shift in (-1, 1):
+                    near = anniversary + timedelta(days=shift)
+                    wanted.add((near.month, near.day))
+            if anniversary.month == 2 and anniversary.day == 28 and not _leap(anniversary.year):
+                wanted.add((2, 29))
+        month_day = func.extract("month", column) * 100 + func.extract("day", column)
+        stmt = select(members.c.id, members.c.timezone, column.label("anniversary")).where(
+            members.c.forgotten_at.is_(None), column.is_not(None), month_day.in_(sorted(m * 100 + d for m, d in wanted)))
+        new_rows: list[dict[str, Any]] = []
+        for chunk in _chunks(conn.execute(stmt), 1000):
+            histories = _histories(conn, [journey.id], [r.id for r in chunk])
+            for row in chunk:
+                fire_at, occurrence = _date_occurrence(row.anniversary, row.timezone, trigger, start, now,
+                                                       self.app.config.default_timezone)
+                if fire_at is None or occurrence is None:
+                    continue
+                if not eligible(journey.journey, histories.get((journey.id, row.id)), now):
+                    continue
+                new_rows.append(_enrollment(journey, row.id, f"date:{occurrence.isoformat()}", now))
+        if not new_rows:
+            return 0
+        result = conn.execute(_insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing(), new_rows)
+        return int(result.rowcount or 0) if result.rowcount and result.rowcount > 0 else len(new_rows)
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _chunks(rows: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _date_occurrence(value: date | datetime, tz_name: str | None, trigger: DateTrigger, start: datetime,
+                     now: datetime, default_tz: str) -> tuple[datetime | None, date | None]:
+    """When (in UTC) this member's anniversary fires within (start, now], and the local date it falls on."""
+    tz = zone(tz_name, default_tz)
+    original = value.astimezone(tz).date() if isinstance(value, datetime) else value
+    first, last = start.astimezone(tz).date(), now.astimezone(tz).date()
+    day = first
+    while day <= last:
+        anniversary = day - timedelta(days=trigger.offset_days)
+        if anniversary.year > original.year and _same_day(original, anniversary):
+            fire_at = datetime.combine(day, trigger.at, tzinfo=tz).astimezone(now.tzinfo)
+            if start < fire_at <= now:
+                return fire_at, day
+        day += timedelta(days=1)
+    return None, None
+
+
+def _same_day(original: date, candidate: date) -> bool:
+    if (original.month, original.day) == (candidate.month, candidate.day):
+        return True
+    # 29 February falls on 28 February in years without one.
+    return (original.month, original.day) == (2, 29) and (candidate.month, candidate.day) == (2, 28) \
+        and not _leap(candidate.year)
+

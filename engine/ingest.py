@@ -1,0 +1,461 @@
+"""Members and events in: CSV/JSONL imports and single events.
+
+A bad row is reported with its line number and the reason, and skipped; the
+good rows around it still load. Built-in event types change the member:
+``purchase`` adds to spend, order count, last order and points, and may raise
+the tier (which records a ``tier_changed`` event that journeys can trigger on).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import phonenumbers
+from babel.core import Locale, UnknownLocaleError
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from engine.exceptions import InputError
+from engine.loyalty import Loyalty
+from engine.models import events, members
+from engine.store import Store
+from engine.timeutil import parse_date, parse_instant, valid_zone
+
+BATCH = 1000
+MEMBER_FIELDS = (
+    "id", "name", "email", "phone", "birthday", "timezone", "locale", "signup_at", "tier", "points",
+    "total_spend", "order_count", "last_order_at", "email_opt_in", "sms_opt_in",
+)
+EVENT_FIELDS = ("member_id", "type", "at", "properties", "id")
+EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_TRUE = {"true", "1", "yes", "y", "t", "是"}
+_FALSE = {"false", "0", "no", "n", "f", "否", ""}
+_NUMBER = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?$")
+
+
+@dataclass
+class ImportReport:
+    loaded: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    triggered: int = 0  # events recorded as a consequence (tier changes)
+
+    def lines(self, file: str) -> list[str]:
+        return [f"{file}:{line}: {reason}; row skipped" for line, reason in self.skipped]
+
+
+class RowError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yield (line number, row, error) from a CSV or JSONL file, chosen by extension."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
+        raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .jsonl")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        if suffix == ".csv":
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise InputError(f"{path}: the file is empty; the first line must be the column names")
+            start = 2
+            for row in reader:
+                if None in row:
+                    yield start, None, f"{len(row[None]) if row[None] else 1} more value(s) than there are columns"
+                else:
+                    yield start, {k.strip(): v for k, v in row.items() if k is not None}, None
+                start = reader.line_num + 1
+        else:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                    continue
+                if not isinstance(value, dict):
+                    yield number, None, "each line must be a JSON object"
+                    continue
+                yield number, value, None
+
+
+# --------------------------------------------------------------------------- members
+
+
+def _text(value: Any, name: str, limit: int) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise RowError(f"{name} must be text, got: {value!r}")
+    text = str(value).strip()
+    if len(text) > limit:
+        raise RowError(f"{name} must be at most {limit} characters")
+    return text or None
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise RowError(f"{name} must be true or false, got: {value!r}")
+
+
+def _number(value: Any, name: str, *, integer: bool = False) -> float | int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise RowError(f"{name} must be a number, got: {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"{name} must be a number, got: {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise RowError(f"{name} must be a number of 0 or more, got: {value!r}")
+    if integer:
+        if number != int(number):
+            raise RowError(f"{name} must be a whole number, got: {value!r}")
+        return int(number)
+    return number
+
+
+def normalise_email(value: Any) -> str | None:
+    text = _text(value, "email", 320)
+    if text is None:
+        return None
+    try:
+        return str(validate_email(text, check_deliverability=False).normalized)
+    except EmailNotValidError as exc:
+        raise RowError(f"email {text!r} is not a valid address: {exc}") from None
+
+
+def normalise_phone(value: Any, region: str) -> str | None:
+    text = _text(value, "phone", 32)
+    if text is None:
+        return None
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        raise RowError(f"phone {text!r} is not a phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise RowError(f"phone {text!r} is not a valid number (write it with +country code if it is not in {region})")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _locale(value: Any) -> str | None:
+    text = _text(value, "locale", 16)
+    if text is None:
+        return None
+    try:
+        Locale.parse(text.replace("-", "_"))
+    except (UnknownLocaleError, ValueError):
+        raise RowError(f"locale must be a language tag such as zh-CN or en, got: {value!r}") from None
+    return text.replace("_", "-")
+
+
+def _attribute_value(value: Any) -> Any:
+    """CSV cells are text: numbers and true/false become typed so conditions can compare them."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if _NUMBER.match(text):
+        return float(text) if "." in text else int(text)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_member(row: dict[str, Any], loyalty: Loyalty, region: str) -> dict[str, Any]:
+    """Validate one member row into column values (only the columns the row gives)."""
+    if not _text(row.get("id"), "id", 64):
+        raise RowError("id is missing")
+    out: dict[str, Any] = {"id": _text(row["id"], "id", 64)}
+    problems: list[str] = []
+
+    def take(name: str, parse: Any) -> None:
+        if name in row:
+            try:
+                out[name] = parse(row[name])
+            except (RowError, ValueError) as exc:
+                message = str(exc)
+                problems.append(message if message.startswith(name) else f"{name} {message}")
+
+    take("name", lambda v: _text(v, "name", 200))
+    take("email", normalise_email)
+    take("phone", lambda v: normalise_phone(v, region))
+    take("birthday", lambda v: None if v in (None, "") else parse_date(v))
+    take("timezone", lambda v: _zone_text(v))
+    take("locale", _locale)
+    take("signup_at", lambda v: None if v in (None, "") else parse_instant(v))
+    take("last_order_at", lambda v: None if v in (None, "") else parse_instant(v))
+    take("points", lambda v: _number(v, "points", integer=True) or 0)
+    take("total_spend", lambda v: float(_number(v, "total_spend") or 0))
+    take("order_count", lambda v: _number(v, "order_count", integer=True) or 0)
+    take("email_opt_in", lambda v: _bool(v, "email_opt_in"))
+    take("sms_opt_in", lambda v: _bool(v, "sms_opt_in"))
+    if "tier" in row and row["tier"] not in (None, ""):
+        tier_ids = [t.id for t in loyalty.tiers]
+        if row["tier"] not in tier_ids:
+            problems.append(f"tier must be one of {', '.join(tier_ids)} (rules/loyalty.yaml), got: {row['tier']!r}")
+        else:
+            out["tier"] = row["tier"]
+    elif "total_spend" in out:
+        out["tier"] = loyalty.tier_for_spend(out["total_spend"]).id
+    extra = {k: _attribute_value(v) for k, v in row.items() if k not in MEMBER_FIELDS and k != "attributes" and k}
+    if isinstance(row.get("attributes"), dict):
+        extra.update(row["attributes"])
+    if extra:
+        out["attributes"] = extra
+    if problems:
+        raise RowError("; ".join(problems))
+    return out
+
+
+def _zone_text(value: Any) -> str | None:
+    text = _text(value, "timezone", 64)
+    if text is not None and not valid_zone(text):
+        raise RowError(f"timezone must be an IANA zone such as Asia/Shanghai or Europe/London, got: {value!r}")
+    return text
+
+
+def _upsert(conn: Connection, dialect: str, rows: list[dict[str, Any]], now: datetime) -> None:
+    if not rows:
+        return
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    # Rows that give different columns cannot share one executemany statement.
+    by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_shape.setdefault(tuple(sorted(row)), []).append(row)
+    for shape, group in by_shape.items():
+        values = [{"attributes": {}, **row, "created_at": now, "updated_at": now} for row in group]
+        stmt = insert(members)
+        updates: dict[str, Any] = {c: stmt.excluded[c] for c in shape if c != "id" and c != "attributes"}
+        updates["updated_at"] = stmt.excluded.updated_at
+        if "attributes" in shape:
+            if dialect == "sqlite":
+                from sqlalchemy import func
+
+                updates["attributes"] = func.json_patch(members.c.attributes, stmt.excluded.attributes)
+            else:
+                from sqlalchemy import cast
+                from sqlalchemy.dialects.postgresql import JSON, JSONB
+
+                updates["attributes"] = cast(
+                    cast(members.c.attributes, JSONB).op("||")(cast(stmt.excluded.attributes, JSONB)), JSON
+                )
+        conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=updates), values)
+
+
+def import_members(store: Store, path: Path, loyalty: Loyalty, region: str, now: datetime) -> ImportReport:
+    report = ImportReport()
+    batch: list[dict[str, Any]] = []
+    seen_in_batch: set[str] = set()
+    with store.begin() as conn:
+        for line, row, error in read_rows(path):
+            if error or row is None:
+                report.skipped.append((line, error or "empty row"))
+                continue
+            try:
+                member = parse_member(row, loyalty, region)
+            except RowError as exc:
+                report.skipped.append((line, str(exc)))
+                continue
+            if member["id"] in seen_in_batch:
+                _upsert(conn, store.dialect, batch, now)
+                batch, seen_in_batch = [], set()
+            batch.append(member)
+            seen_in_batch.add(member["id"])
+            report.loaded += 1
+            if len(batch) >= BATCH:
+                _upsert(conn, store.dialect, batch, now)
+                batch, seen_in_batch = [], set()
+        _upsert(conn, store.dialect, batch, now)
+    return report
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    member_id: str
+    type: str
+    at: datetime
+    properties: dict[str, Any]
+    external_id: str | None = None
+    source: str = "api"
+
+
+def parse_event(row: dict[str, Any], source: str) -> NewEvent:
+    member_id = _text(row.get("member_id"), "member_id", 64)
+    if not member_id:
+        raise RowError("member_id is missing")
+    kind = row.get("type")
+    if not isinstance(kind, str) or not EVENT_TYPE.match(kind):
+        raise RowError(f"type must be a word of a-z, 0-9 and _ (e.g. purchase), got: {kind!r}")
+    try:
+        at = parse_instant(row.get("at"))
+    except ValueError as exc:
+        raise RowError(f"at {exc}") from None
+    properties = row.get("properties")
+    if properties is None:
+        properties = {k: _attribute_value(v) for k, v in row.items() if k not in EVENT_FIELDS and v not in (None, "")}
+    if not isinstance(properties, dict):
+        raise RowError(f"properties must be a JSON object, got: {properties!r}")
+    external = row.get("id")
+    if kind == "purchase":
+        amount = properties.get("amount")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
+            raise RowError(f"a purchase needs properties.amount, a number above 0, got: {amount!r}")
+        if external in (None, "") and properties.get("order_id") not in (None, ""):
+            external = f"purchase:{properties['order_id']}"
+    return NewEvent(member_id, kind, at, dict(properties), None if external in (None, "") else str(external), source)
+
+
+class EventRecorder:
+    """Stores events and applies the built-in types' effects on the member, in batches."""
+
+    def __init__(self, conn: Connection, loyalty: Loyalty, now: datetime) -> None:
+        self.conn = conn
+        self.loyalty = loyalty
+        self.now = now
+
+    def record(self, batch: list[tuple[int, NewEvent]], report: ImportReport) -> None:
+        ids = list({e.member_id for _, e in batch})
+        rows = self.conn.execute(select(members).where(members.c.id.in_(ids))).mappings().all()
+        state = {r["id"]: dict(r) for r in rows}
+        changed: set[str] = set()
+        known_external = set()
+        externals = [e.external_id for _, e in batch if e.external_id]
+        if externals:
+            known_external = set(self.conn.execute(
+                select(events.c.external_id).where(events.c.external_id.in_(externals))).scalars())
+        inserts: list[dict[str, Any]] = []
+        for line, event in batch:
+            member = state.get(event.member_id)
+            if member is None:
+                report.skipped.append((line, f"member {event.member_id!r} does not exist; import members first"))
+                continue
+            if event.external_id and event.external_id in known_external:
+                report.skipped.append((line, f"event {event.external_id!r} was already recorded (duplicate)"))
+                continue
+            if event.external_id:
+                known_external.add(event.external_id)
+            try:
+                derived = self._apply(member, event)
+            except RowError as exc:
+                report.skipped.append((line, str(exc)))
+                continue
+            changed.add(event.member_id)
+            inserts.append(self._row(event))
+            for extra in derived:
+                inserts.append(self._row(extra))
+                report.triggered += 1
+            report.loaded += 1
+        if inserts:
+            self.conn.execute(events.insert(), inserts)
+        for member_id in changed:
+            member = state[member_id]
+            self.conn.execute(
+                update(members).where(members.c.id == member_id).values(
+                    total_spend=member["total_spend"], order_count=member["order_count"],
+                    last_order_at=member["last_order_at"], points=member["points"], tier=member["tier"],
+                    signup_at=member["signup_at"], email_opt_in=member["email_opt_in"],
+                    sms_opt_in=member["sms_opt_in"], updated_at=self.now,
+                )
+            )
+
+    def _row(self, event: NewEvent) -> dict[str, Any]:
+        return {"external_id": event.external_id, "member_id": event.member_id, "type": event.type,
+                "occurred_at": event.at, "properties": event.properties, "source": event.source,
+                "recorded_at": self.now, "handled_at": None}
+
+    def _apply(self, member: dict[str, Any], event: NewEvent) -> list[NewEvent]:
+        kind, props = event.type, event.properties
+        if kind == "purchase":
+            amount = float(props["amount"])
+            tier = self.loyalty.tier(member["tier"])
+            member["total_spend"] = float(member["total_spend"] or 0) + amount
+            member["order_count"] = int(member["order_count"] or 0) + 1
+            last = member["last_order_at"]
+            member["last_order_at"] = event.at if last is None or event.at > last else last
+            member["points"] = int(member["points"] or 0) + int(amount * self.loyalty.points_per_unit
+                                                                 * tier.points_multiplier)
+            return self._tier_change(member, event)
+        if kind == "signup" and member["signup_at"] is None:
+            member["signup_at"] = event.at
+        elif kind == "points_redeemed":
+            points = props.get("points")
+            if isinstance(points, bool) or not isinstance(points, int) or points <= 0:
+                raise RowError(f"points_redeemed needs properties.points, a whole number above 0, got: {points!r}")
+            if points > int(member["points"] or 0):
+                raise RowError(f"member {member['id']} has {member['points']} points, cannot redeem {points}")
+            member["points"] = int(member["points"]) - points
+        elif kind == "unsubscribe":
+            channel = props.get("channel", "all")
+            if channel not in ("email", "sms", "all"):
+                raise RowError(f"unsubscribe needs properties.channel email, sms or all, got: {channel!r}")
+            if channel in ("email", "all"):
+                member["email_opt_in"] = False
+            if channel in ("sms", "all"):
+                member["sms_opt_in"] = False
+        return []
+
+    def _tier_change(self, member: dict[str, Any], event: NewEvent) -> list[NewEvent]:
+        old = member["tier"]
+        earned = self.loyalty.tier_for_spend(member["total_spend"])
+        # Upgrades are felt at once; downgrades only happen at a review, never on a purchase.
+        if self.loyalty.rank(earned.id) <= self.loyalty.rank(old) and old is not None:
+            return []
+        member["tier"] = earned.id
+        if old is None:
+            return []
+        props = {"from": old, "to": earned.id, "direction": "up", "cause_order_id": event.properties.get("order_id")}
+        return [NewEvent(member["id"], "tier_changed", event.at, props, None, "engine")]
+
+
+def record_events(store: Store, rows: Iterable[tuple[int, dict[str, Any] | None, str | None]], loyalty: Loyalty,
+                  now: datetime, source: str) -> ImportReport:
+    report = ImportReport()
+    with store.begin() as conn:
+        recorder = EventRecorder(conn, loyalty, now)
+        batch: list[tuple[int, NewEvent]] = []
+        for line, row, error in rows:
+            if error or row is None:
+                report.skipped.append((line, error or "empty row"))
+                continue
+            try:
+                batch.append((line, parse_event(row, source)))
+            except RowError as exc:
+                report.skipped.append((line, str(exc)))
+                continue
+            if len(batch) >= BATCH:
+                recorder.record(batch, report)
+                batch = []
+        if batch:
+            recorder.record(batch, report)
+    report.skipped.sort()
+    return report
+
+
+def import_events(store: Store, path: Path, loyalty: Loyalty, now: datetime) -> ImportReport:
+    return record_events(store, read_rows(path), loyalty, now, "import")

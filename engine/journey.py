@@ -1,0 +1,482 @@
+"""The journey model: frozen values parsed from marketer-owned YAML.
+
+Parsing collects every problem (FILE:LINE:COL with a fix) instead of stopping
+at the first; a journey with problems is never returned half-built.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import time, timedelta
+from typing import Any, Literal, Union
+
+from engine import conditions as cond
+from engine.attributes import DATE_ATTRIBUTES
+from engine.conditions import Condition
+from engine.durations import parse_duration
+from engine.problems import Problems, did_you_mean
+from engine.yamlsrc import UNKNOWN, Mark, YMap
+
+JOURNEY_ID = re.compile(r"^[a-z0-9_]+$")
+STEP_ID = re.compile(r"^[a-z0-9_]+$")
+HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+CHANNELS = ("email", "sms")
+STATUSES = ("active", "paused", "draft")
+END = "end"
+
+
+@dataclass(frozen=True)
+class EventTrigger:
+    event: str
+    where: Condition | None = None
+
+
+@dataclass(frozen=True)
+class SegmentTrigger:
+    condition: Condition
+    segment: str | None = None  # the named segment, when one was given
+
+
+@dataclass(frozen=True)
+class DateTrigger:
+    attribute: str
+    at: time
+    offset_days: int = 0  # -3 fires three days before the date
+
+
+Trigger = Union[EventTrigger, SegmentTrigger, DateTrigger]
+
+
+@dataclass(frozen=True)
+class Entry:
+    reentry: Literal["never", "always"] | timedelta = "never"
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    event: str | None = None
+    where: Condition | None = None
+    condition: Condition | None = None
+
+
+@dataclass(frozen=True)
+class Goal:
+    event: str
+    within: timedelta
+    where: Condition | None = None
+
+
+@dataclass(frozen=True)
+class SendStep:
+    id: str
+    channel: str
+    template: str
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
+class WaitStep:
+    id: str
+    duration: timedelta | None = None
+    until: time | None = None
+
+
+@dataclass(frozen=True)
+class IfStep:
+    id: str
+    condition: Condition
+    then: str | None  # step id, END, or None for "the next step"
+    otherwise: str | None
+
+
+@dataclass(frozen=True)
+class EndStep:
+    id: str
+
+
+Step = Union[SendStep, WaitStep, IfStep, EndStep]
+
+
+@dataclass(frozen=True)
+class Journey:
+    id: str
+    name: str
+    status: str
+    trigger: Trigger
+    entry: Entry
+    steps: tuple[Step, ...]
+    exit_when: ExitRule | None = None
+    goal: Goal | None = None
+    source: str = ""
+    definition: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {s.id: i for i, s in enumerate(self.steps)})
+
+    @property
+    def first_step(self) -> str | None:
+        return self.steps[0].id if self.steps else None
+
+    def step(self, step_id: str) -> Step:
+        return self.steps[self._index[step_id]]  # type: ignore[attr-defined]
+
+    def has_step(self, step_id: str) -> bool:
+        return step_id in self._index  # type: ignore[attr-defined]
+
+    def following(self, step_id: str) -> str | None:
+        """The step after STEP_ID in the list, or None at the end."""
+        i = self._index[step_id] + 1  # type: ignore[attr-defined]
+        return self.steps[i].id if i < len(self.steps) else None
+
+    def successors(self, step: Step) -> list[str | None]:
+        if isinstance(step, EndStep):
+            return []
+        if isinstance(step, IfStep):
+            return [self._resolve(step, step.then), self._resolve(step, step.otherwise)]
+        return [self.following(step.id)]
+
+    def _resolve(self, step: Step, target: str | None) -> str | None:
+        if target is None:
+            return self.following(step.id)
+        return None if target == END else target
+
+    def resolve(self, step: Step, target: str | None) -> str | None:
+        return self._resolve(step, target)
+
+    @property
+    def runs(self) -> bool:
+        return self.status == "active"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Ctx:
+    def __init__(self, problems: Problems) -> None:
+        self.problems = problems
+
+    def add(self, mark: Mark, message: str) -> None:
+        self.problems.add(mark, message)
+
+    def keys(self, data: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> bool:
+        if not isinstance(data, dict):
+            self.add(getattr(data, "mark", UNKNOWN), f"{where} must be a mapping, got: {data!r}")
+            return False
+        ok = True
+        for key in data:
+            if key not in allowed:
+                mark = data.key_mark(key) if isinstance(data, YMap) else UNKNOWN
+                self.add(mark, f"unknown key {key!r} in {where}{did_you_mean(key, allowed)}")
+                ok = False
+        for key in required:
+            if key not in data:
+                mark = data.mark if isinstance(data, YMap) else UNKNOWN
+                self.add(mark, f"{where} is missing {key!r}")
+                ok = False
+        return ok
+
+    def text(self, data: Any, key: str, where: str) -> str | None:
+        value = data.get(key)
+        if not isinstance(value, str) or not value.strip():
+            self.add(vmark(data, key), f"{where}.{key} must be text, got: {value!r}")
+            return None
+        return value
+
+    def duration(self, data: Any, key: str, where: str) -> timedelta | None:
+        try:
+            return parse_duration(data.get(key))
+        except ValueError as exc:
+            self.add(vmark(data, key), f"{where}.{key}: {exc}")
+            return None
+
+    def condition(self, data: Any, key: str, where: str, *, allow_event: bool = False) -> Condition | None:
+        return cond.parse(data.get(key), vmark(data, key), self.problems, f"{where}.{key}", allow_event=allow_event)
+
+
+def vmark(data: Any, key: str) -> Mark:
+    if isinstance(data, YMap):
+        return data.value_mark(key)
+    return UNKNOWN
+
+
+def kmark(data: Any, key: str) -> Mark:
+    if isinstance(data, YMap):
+        return data.key_mark(key)
+    return UNKNOWN
+
+
+_TOP = ("journey", "name", "description", "status", "trigger", "entry", "exit_when", "goal", "steps")
+
+
+def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | None:
+    """Build a Journey from parsed YAML; None (with problems added) if anything is wrong."""
+    ctx = _Ctx(problems)
+    before = len(problems.items)
+    if not ctx.keys(data, "the journey", _TOP, ("journey", "trigger", "steps")):
+        if not isinstance(data, dict):
+            return None
+    journey_id = data.get("journey")
+    if not isinstance(journey_id, str) or not JOURNEY_ID.match(journey_id):
+        ctx.add(vmark(data, "journey"), f"journey id must use only a-z, 0-9 and _, got: {journey_id!r}")
+    name = data.get("name", journey_id)
+    if not isinstance(name, str):
+        ctx.add(vmark(data, "name"), f"name must be text, got: {name!r}")
+    status = data.get("status", "active")
+    if status not in STATUSES:
+        ctx.add(vmark(data, "status"), f"status must be one of active, paused, draft, got: {status!r}")
+    trigger = _trigger(ctx, data.get("trigger"), vmark(data, "trigger")) if "trigger" in data else None
+    entry = _entry(ctx, data.get("entry", {}))
+    exit_rule = _exit(ctx, data["exit_when"]) if "exit_when" in data else None
+    goal = _goal(ctx, data["goal"]) if "goal" in data else None
+    steps = _steps(ctx, data.get("steps"), vmark(data, "steps")) if "steps" in data else []
+    if len(problems.items) > before or trigger is None:
+        return None
+    journey = Journey(
+        id=str(journey_id), name=str(name), status=str(status), trigger=trigger, entry=entry,
+        steps=tuple(steps), exit_when=exit_rule, goal=goal, source=source,
+        definition=_plain(data),
+    )
+    _check_graph(ctx, journey, data.get("steps"))
+    return None if len(problems.items) > before else journey
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _trigger(ctx: _Ctx, data: Any, mark: Mark) -> Trigger | None:
+    kinds = [k for k in ("event", "segment", "date") if isinstance(data, dict) and k in data]
+    if not isinstance(data, dict) or len(kinds) != 1:
+        ctx.add(mark, "trigger must have exactly one of event:, segment: or date:"
+                + (f" (found {', '.join(kinds)})" if len(kinds) > 1 else ""))
+        if isinstance(data, dict):
+            ctx.keys(data, "trigger", ("event", "where", "segment", "date", "offset", "at"))
+        return None
+    kind = kinds[0]
+    if kind == "event":
+        if not ctx.keys(data, "trigger", ("event", "where")):
+            return None
+        event = ctx.text(data, "event", "trigger")
+        where = ctx.condition(data, "where", "trigger", allow_event=True) if "where" in data else None
+        if event is None or ("where" in data and where is None):
+            return None
+        return EventTrigger(event, where)
+    if kind == "segment":
+        if not ctx.keys(data, "trigger", ("segment",)):
+            return None
+        value = data["segment"]
+        if isinstance(value, str):
+            return SegmentTrigger(cond.SegmentRef(value, vmark(data, "segment")), segment=value)
+        condition = ctx.condition(data, "segment", "trigger")
+        return None if condition is None else SegmentTrigger(condition)
+    if not ctx.keys(data, "trigger", ("date", "offset", "at"), ("at",)):
+        return None
+    attribute = data.get("date")
+    if attribute not in DATE_ATTRIBUTES:
+        ctx.add(vmark(data, "date"), f"trigger.date must be one of {', '.join(DATE_ATTRIBUTES)}, got: {attribute!r}")
+        return None
+    at = _hhmm(ctx, data, "at", "trigger")
+    offset = 0
+    if "offset" in data:
+        raw = data["offset"]
+        match = re.match(r"^([+-]?)(\d+)d$", raw) if isinstance(raw, str) else None
+        if match is None:
+            ctx.add(vmark(data, "offset"), f"trigger.offset must be whole days such as -3d or 1d, got: {raw!r}")
+            return None
+        offset = int(match.group(2)) * (-1 if match.group(1) == "-" else 1)
+    return None if at is None else DateTrigger(str(attribute), at, offset)
+
+
+def _hhmm(ctx: _Ctx, data: Any, key: str, where: str) -> time | None:
+    value = data.get(key)
+    match = HHMM.match(value) if isinstance(value, str) else None
+    if match is None:
+        ctx.add(vmark(data, key), f'{where}.{key} must be a quoted 24-hour time such as "10:00", got: {value!r}')
+        return None
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+def _entry(ctx: _Ctx, data: Any) -> Entry:
+    if not ctx.keys(data, "entry", ("reentry",)):
+        return Entry()
+    value = data.get("reentry", "never")
+    if value in ("never", "always"):
+        return Entry(value)
+    if isinstance(value, bool):
+        ctx.add(vmark(data, "reentry"), f"entry.reentry must be never, always or a cooldown such as 180d, got: {value!r}")
+        return Entry()
+    duration = ctx.duration(data, "reentry", "entry")
+    return Entry(duration) if duration else Entry()
+
+
+def _exit(ctx: _Ctx, data: Any) -> ExitRule | None:
+    if not ctx.keys(data, "exit_when", ("event", "where", "segment")):
+        return None
+    if ("event" in data) == ("segment" in data):
+        ctx.add(getattr(data, "mark", UNKNOWN), "exit_when must have exactly one of event: or segment:")
+        return None
+    if "event" in data:
+        event = ctx.text(data, "event", "exit_when")
+        where = ctx.condition(data, "where", "exit_when", allow_event=True) if "where" in data else None
+        return ExitRule(event=event, where=where) if event else None
+    if "where" in data:
+        ctx.add(kmark(data, "where"), "exit_when.where only applies to exit_when.event")
+        return None
+    value = data["segment"]
+    if isinstance(value, str):
+        return ExitRule(condition=cond.SegmentRef(value, vmark(data, "segment")))
+    condition = ctx.condition(data, "segment", "exit_when")
+    return ExitRule(condition=condition) if condition else None
+
+
+def _goal(ctx: _Ctx, data: Any) -> Goal | None:
+    if not ctx.keys(data, "goal", ("event", "within", "where"), ("event", "within")):
+        return None
+    event = ctx.text(data, "event", "goal")
+    within = ctx.duration(data, "within", "goal")
+    where = ctx.condition(data, "where", "goal", allow_event=True) if "where" in data else None
+    if event is None or within is None:
+        return None
+    return Goal(event, within, where)
+
+
+_STEP_KINDS = ("send", "wait", "if", "end")
+_STEP_KEYS = {
+    "send": ("id", "send", "template", "fallback"),
+    "wait": ("id", "wait", "until"),
+    "if": ("id", "if", "then", "else"),
+    "end": ("id", "end"),
+}
+
+
+def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
+    if not isinstance(data, list) or not data:
+        ctx.add(mark, "steps must be a non-empty list")
+        return []
+    steps: list[Step] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(data):
+        where = f"steps[{index}]"
+        item_mark = data.item_mark(index) if hasattr(data, "item_mark") else UNKNOWN
+        if not isinstance(raw, dict):
+            ctx.add(item_mark, f"{where} must be a mapping such as {{send: email, template: ...}}, got: {raw!r}")
+            continue
+        kinds = [k for k in _STEP_KINDS if k in raw]
+        if len(kinds) != 1:
+            found = f" (found {', '.join(kinds)})" if kinds else ""
+            unknown = [k for k in raw if k not in {k for v in _STEP_KEYS.values() for k in v}]
+            hint = "".join(f"; unknown key {k!r}{did_you_mean(k, _STEP_KINDS)}" for k in unknown)
+            ctx.add(item_mark, f"{where} must have exactly one of send:, wait:, if:, end:{found}{hint}")
+            continue
+        kind = kinds[0]
+        if not ctx.keys(raw, where, _STEP_KEYS[kind]):
+            continue
+        step_id = raw.get("id", f"{kind}_{index + 1}")
+        if not isinstance(step_id, str) or not STEP_ID.match(step_id):
+            ctx.add(vmark(raw, "id"), f"{where}.id must use only a-z, 0-9 and _, got: {step_id!r}")
+            continue
+        if kind in ("send", "if") and "id" not in raw:
+            ctx.add(item_mark, f"{where} needs an id (e.g. id: first_touch): the message log is keyed by step id")
+            continue
+        if step_id in seen:
+            ctx.add(vmark(raw, "id"), f"step id {step_id!r} is used twice (first at steps[{seen[step_id]}])")
+            continue
+        seen[step_id] = index
+        step = _step(ctx, kind, step_id, raw, where)
+        if step is not None:
+            steps.append(step)
+    return steps
+
+
+def _step(ctx: _Ctx, kind: str, step_id: str, raw: Any, where: str) -> Step | None:
+    if kind == "send":
+        channel = raw.get("send")
+        if channel not in CHANNELS:
+            ctx.add(vmark(raw, "send"), f"{where}.send must be email or sms, got: {channel!r}")
+            return None
+        template = ctx.text(raw, "template", where)
+        if "template" not in raw:
+            return None
+        fallback = raw.get("fallback")
+        if fallback is not None and (fallback not in CHANNELS or fallback == channel):
+            ctx.add(vmark(raw, "fallback"), f"{where}.fallback must be the other channel, got: {fallback!r}")
+            return None
+        return SendStep(step_id, channel, template, fallback) if template else None
+    if kind == "wait":
+        value = raw.get("wait")
+        if isinstance(value, dict):
+            if not ctx.keys(value, f"{where}.wait", ("until",), ("until",)):
+                return None
+            at = _hhmm(ctx, value, "until", f"{where}.wait")
+            return WaitStep(step_id, until=at) if at else None
+        duration = ctx.duration(raw, "wait", where)
+        return WaitStep(step_id, duration=duration) if duration else None
+    if kind == "if":
+        condition = ctx.condition(raw, "if", where)
+        targets = []
+        for key in ("then", "else"):
+            target = raw.get(key)
+            if target is not None and not isinstance(target, str):
+                ctx.add(vmark(raw, key), f"{where}.{key} must be a step id or end, got: {target!r}")
+                return None
+            targets.append(target)
+        return IfStep(step_id, condition, targets[0], targets[1]) if condition else None
+    if raw.get("end") not in (None, True):
+        ctx.add(vmark(raw, "end"), f"{where}.end takes no value (write `- end: true`), got: {raw.get('end')!r}")
+        return None
+    return EndStep(step_id)
+
+
+def _check_graph(ctx: _Ctx, journey: Journey, raw_steps: Any) -> None:
+    marks = {}
+    for index, raw in enumerate(raw_steps or []):
+        step_id = raw.get("id") if isinstance(raw, dict) else None
+        marks[index] = raw_steps.item_mark(index) if hasattr(raw_steps, "item_mark") else UNKNOWN
+        if isinstance(raw, dict):
+            for key in ("then", "else"):
+                target = raw.get(key)
+                if isinstance(target, str) and target != END and not journey.has_step(target):
+                    ctx.add(vmark(raw, key), f"steps[{index}].{key} names step {target!r}, which does not exist"
+                            f"{did_you_mean(target, [s.id for s in journey.steps] + [END])}")
+        del step_id
+    if ctx.problems:
+        return
+    reachable: set[str] = set()
+    todo = [journey.first_step] if journey.first_step else []
+    while todo:
+        current = todo.pop()
+        if current is None or current in reachable:
+            continue
+        reachable.add(current)
+        todo.extend(journey.successors(journey.step(current)))
+    for index, step in enumerate(journey.steps):
+        if step.id not in reachable:
+            ctx.add(marks.get(index, UNKNOWN), f"step {step.id!r} can never be reached: no step leads to it "
+                    "(an earlier step ends the journey or jumps past it)")
+    _check_loops(ctx, journey, marks)
+
+
+def _check_loops(ctx: _Ctx, journey: Journey, marks: dict[int, Mark]) -> None:
+    """A loop is fine only if it waits somewhere; otherwise a tick would spin forever."""
+    index = {s.id: i for i, s in enumerate(journey.steps)}
+    for start in journey.steps:
+        stack: list[tuple[str, frozenset[str]]] = [(start.id, frozenset())]
+        while stack:
+            current, path = stack.pop()
+            step = journey.step(current)
+            if isinstance(step, WaitStep):
+                continue
+            if current in path:
+                if current == start.id:
+                    ctx.add(marks.get(index[current], UNKNOWN),
+                            f"steps loop back to {current!r} without a wait: add a wait step inside the loop")
+                    return
+                continue
+            for nxt in journey.successors(step):
+                if nxt is not None:
+                    stack.append((nxt, path | {current}))

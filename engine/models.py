@@ -1,0 +1,267 @@
+"""The schema. Alembic migrations under engine/migrations must produce exactly this.
+
+All times are stored as naive UTC and handed back as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Integer on SQLite so that the primary key is the rowid (autoincrement); BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, naive UTC in the database, aware UTC out."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given; the engine only stores aware times")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class MessageStatus(enum.StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    BOUNCED = "bounced"
+    SUPPRESSED = "suppressed"
+    UNKNOWN = "unknown"
+
+
+class EnrollmentStatus(enum.StrEnum):
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    EXITED = "exited"
+
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Member(Base):
+    __tablename__ = "members"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(32))
+    birthday: Mapped[date | None] = mapped_column(Date)
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    locale: Mapped[str | None] = mapped_column(String(16))
+    signup_at: Mapped[datetime | None]
+    tier: Mapped[str | None] = mapped_column(String(32))
+    points: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    total_spend: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    order_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_order_at: Mapped[datetime | None]
+    email_opt_in: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    sms_opt_in: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    forgotten_at: Mapped[datetime | None]
+
+    __table_args__ = (Index(None, "last_order_at"), Index(None, "signup_at"))
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    external_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    member_id: Mapped[str] = mapped_column(String(64), ForeignKey("members.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(64))
+    occurred_at: Mapped[datetime]
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    source: Mapped[str] = mapped_column(String(32), default="api")
+    recorded_at: Mapped[datetime]
+    handled_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index(None, "member_id", "occurred_at"),
+        Index("ix_events_unhandled", "occurred_at", sqlite_where=text("handled_at IS NULL"),
+              postgresql_where=text("handled_at IS NULL")),
+    )
+
+
+class JourneyVersion(Base):
+    __tablename__ = "journey_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    checksum: Mapped[str] = mapped_column(String(64))
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source_path: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime]
+
+    __table_args__ = (
+        UniqueConstraint("journey_id", "version"),
+        UniqueConstraint("journey_id", "checksum"),
+    )
+
+
+class JourneyState(Base):
+    """Per-journey bookkeeping; its row is also the lock that serialises a journey's entry phase."""
+
+    __tablename__ = "journey_state"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    current_version: Mapped[int] = mapped_column(Integer)
+    source_path: Mapped[str] = mapped_column(String(500))
+    date_cursor: Mapped[datetime | None]
+    retired_at: Mapped[datetime | None]  # its file was removed: no new entries, no sends
+    updated_at: Mapped[datetime]
+
+
+class Enrollment(Base):
+    __tablename__ = "enrollments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    journey_version: Mapped[int] = mapped_column(Integer)
+    member_id: Mapped[str] = mapped_column(String(64), ForeignKey("members.id", ondelete="CASCADE"))
+    trigger_key: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[int | None] = mapped_column(BigId)
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str | None] = mapped_column(String(64))
+    next_run_at: Mapped[datetime | None]
+    entered_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    exit_reason: Mapped[str | None] = mapped_column(String(200))
+    converted_at: Mapped[datetime | None]
+    variant: Mapped[str | None] = mapped_column(String(64))
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("journey_id", "member_id", "trigger_key"),
+        # A member is never twice at once in the same journey.
+        Index("uq_enrollments_one_active", "journey_id", "member_id", unique=True,
+              sqlite_where=text("status = 'active'"), postgresql_where=text("status = 'active'")),
+        Index("ix_enrollments_due", "next_run_at", sqlite_where=text("status = 'active'"),
+              postgresql_where=text("status = 'active'")),
+        Index(None, "member_id"),
+    )
+
+
+class Message(Base):
+    """The message log: one row per message and per message not sent. Append-only apart from status."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    enrollment_id: Mapped[int] = mapped_column(BigId)
+    member_id: Mapped[str] = mapped_column(String(64))
+    journey: Mapped[str] = mapped_column(String(64))
+    journey_version: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    template: Mapped[str | None] = mapped_column(String(200))
+    locale: Mapped[str | None] = mapped_column(String(16))
+    variant: Mapped[str | None] = mapped_column(String(64))
+    recipient: Mapped[str | None] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)
+    html: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    provider_id: Mapped[str | None] = mapped_column(String(128))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]  # queued rows: not before this time (quiet hours, retries)
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None]
+    content_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    redacted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        UniqueConstraint("journey", "enrollment_id", "step", name="uq_messages_once"),
+        Index(None, "member_id", "created_at"),
+        Index(None, "status"),
+        Index("ix_messages_queued", "next_attempt_at", sqlite_where=text("status = 'queued'"),
+              postgresql_where=text("status = 'queued'")),
+        Index(None, "journey", "created_at"),
+        Index(None, "created_at"),
+    )
+
+
+class AuditHead(Base):
+    """The tip of the message log's hash chain; locking this row serialises appends."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigId)
+    last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class Suppression(Base):
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(320))
+    reason: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("channel", "address"),)
+
+
+members = Member.__table__
+events = Event.__table__
+journey_versions = JourneyVersion.__table__
+journey_state = JourneyState.__table__
+enrollments = Enrollment.__table__
+messages = Message.__table__
+audit_head = AuditHead.__table__
+suppressions = Suppression.__table__

@@ -1,0 +1,76 @@
+"""The statements that matter for correctness under concurrency, named and kept in one place.
+
+Claims are one statement each: pick due rows ``FOR UPDATE SKIP LOCKED`` (on
+PostgreSQL; SQLite runs a single engine process, see Store.acquire_process_lock)
+and set the owner and lease expiry in the same statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+
+from sqlalchemy import Connection, or_, select, update
+
+from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, messages
+
+UNKNOWN_EXPLANATION = ("the engine stopped after handing this message to the channel and before the answer was "
+                       "recorded; it was not re-sent — check with the provider before sending again")
+
+
+def claim_due_enrollments(conn: Connection, worker: str, now: datetime, lease_until: datetime, limit: int,
+                          journeys: Collection[str]) -> list[int]:
+    if not journeys:
+        return []
+    due = (
+        select(enrollments.c.id)
+        .where(enrollments.c.status == EnrollmentStatus.ACTIVE.value,
+               enrollments.c.next_run_at <= now,
+               enrollments.c.journey_id.in_(list(journeys)),
+               or_(enrollments.c.claimed_until.is_(None), enrollments.c.claimed_until < now))
+        .order_by(enrollments.c.next_run_at, enrollments.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (update(enrollments).where(enrollments.c.id.in_(due.scalar_subquery()))
+            .values(claimed_by=worker, claimed_until=lease_until).returning(enrollments.c.id))
+    return [int(i) for i in conn.execute(stmt).scalars()]
+
+
+def claim_queued_messages(conn: Connection, worker: str, now: datetime, lease_until: datetime,
+                          limit: int) -> list[int]:
+    due = (
+        select(messages.c.id)
+        .where(messages.c.status == MessageStatus.QUEUED.value, messages.c.next_attempt_at <= now)
+        .order_by(messages.c.next_attempt_at, messages.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (update(messages).where(messages.c.id.in_(due.scalar_subquery()))
+            .values(status=MessageStatus.SENDING.value, claimed_by=worker, claimed_until=lease_until,
+                    updated_at=now).returning(messages.c.id))
+    return [int(i) for i in conn.execute(stmt).scalars()]
+
+
+def claim_unhandled_events(conn: Connection, now: datetime, limit: int) -> list[int]:
+    """Events that happened by NOW and that no tick has matched yet, locked until the caller commits."""
+    stmt = (select(events.c.id)
+            .where(events.c.handled_at.is_(None), events.c.occurred_at <= now)
+            .order_by(events.c.id).limit(limit).with_for_update(skip_locked=True))
+    return [int(i) for i in conn.execute(stmt).scalars()]
+
+
+def reap_unknown(conn: Connection, now: datetime) -> int:
+    """Rows left 'sending' by a process that died: mark them unknown, never send them again."""
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.status == MessageStatus.SENDING.value, messages.c.claimed_until < now)
+        .values(status=MessageStatus.UNKNOWN.value, error=UNKNOWN_EXPLANATION, claimed_by=None,
+                claimed_until=None, updated_at=now)
+    )
+    return int(result.rowcount or 0)
+
+
+def release_enrollment_claims(conn: Connection, worker: str) -> None:
+    conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
+                 .values(claimed_by=None, claimed_until=None))

@@ -1,0 +1,323 @@
+"""Running enrollments whose next step is due, and delivering their messages.
+
+Per batch: claim due enrollments (lease), walk each one's steps until it waits
+or ends, then in ONE transaction append the message rows (the at-most-once key
+is written here, before any channel is called) and move the enrollments on.
+Only after that commit are the channels called; their answers are recorded in
+a second transaction. A crash in between leaves rows ``sending``, which the
+reaper turns into ``unknown`` — never a second send.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, bindparam, select, update
+
+from channels.base import Channel, OutgoingMessage, Outcome, SendResult
+from engine import audit, queries
+from engine import unsubscribe as unsub
+from engine.conditions import evaluate
+from engine.context import ContextBuilder
+from engine.exceptions import TemplateRenderError
+from engine.journey import EndStep, IfStep, SendStep, WaitStep
+from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, members, messages
+from engine.report import TickReport
+from engine.safety import Rails, Reason, Verdict
+from engine.timeutil import zone
+from engine.versions import LiveJourney, VersionCache
+
+if TYPE_CHECKING:
+    from engine.app import App
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_PER_RUN = 100  # validation rejects loops without a wait; this is the belt to those braces
+MAX_ATTEMPTS = 5
+
+
+@dataclass
+class Transition:
+    enrollment_id: int
+    step: str | None
+    status: str
+    next_run_at: datetime | None
+    ended_at: datetime | None = None
+    exit_reason: str | None = None
+    sends: list[SendStep] = field(default_factory=list)
+
+
+def next_local_time(now: datetime, at: Any, tz_name: str | None, default_tz: str) -> datetime:
+    tz = zone(tz_name, default_tz)
+    local = now.astimezone(tz)
+    candidate = datetime.combine(local.date(), at, tzinfo=tz)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=tz)
+    return candidate.astimezone(now.tzinfo)
+
+
+def advance(live: LiveJourney, start: str | None, member: Mapping[str, Any], now: datetime, enrollment_id: int,
+            default_tz: str, event: Mapping[str, Any] | None = None) -> Transition:
+    """Walk from step START until the enrollment waits or ends; collect the sends on the way."""
+    journey = live.journey
+    current = start
+    sends: list[SendStep] = []
+    for _ in range(MAX_STEPS_PER_RUN):
+        if current is None or not journey.has_step(current):
+            return Transition(enrollment_id, None, EnrollmentStatus.COMPLETED.value, None, now, None, sends)
+        step = journey.step(current)
+        if isinstance(step, SendStep):
+            sends.append(step)
+            current = journey.following(step.id)
+        elif isinstance(step, WaitStep):
+            after = journey.following(step.id)
+            if step.duration is not None:
+                wake = now + step.duration
+            else:
+                wake = next_local_time(now, step.until, member.get("timezone"), default_tz)
+            return Transition(enrollment_id, after, EnrollmentStatus.ACTIVE.value, wake, sends=sends)
+        elif isinstance(step, IfStep):
+            matched = evaluate(step.condition, member, now, live.segments, event)
+            current = journey.resolve(step, step.then if matched else step.otherwise)
+        elif isinstance(step, EndStep):
+            current = None
+    log.error("journey %s enrollment %s: more than %s steps without a wait; stopped", journey.id, enrollment_id,
+              MAX_STEPS_PER_RUN)
+    return Transition(enrollment_id, None, EnrollmentStatus.EXITED.value, None, now, "too many steps without a wait",
+                      sends)
+
+
+def backoff(attempt: int) -> timedelta:
+    """Exponential backoff with full jitter: up to 30 s, 60 s, 120 s … capped at one hour."""
+    ceiling = min(3600.0, 30.0 * (2 ** max(0, attempt - 1)))
+    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
+
+
+class Runner:
+    def __init__(self, app: App, worker: str) -> None:
+        self.app = app
+        self.worker = worker
+        self.cache: VersionCache = app.versions
+
+    # ------------------------------------------------------------------ enrollments
+
+    def run_due(self, now: datetime, live: dict[str, LiveJourney], report: TickReport,
+                stop: Callable[[], bool]) -> None:
+        running = [j.id for j in live.values() if j.journey.runs]
+        config = self.app.config
+        lease = now + timedelta(seconds=config.scheduler.lease_seconds)
+        while not stop():
+            with self.app.store.begin() as conn:
+                ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
+                                                    running)
+            if not ids:
+                return
+            self._run_batch(ids, now, report)
+
+    def _load(self, conn: Connection, ids: list[int]) -> list[dict[str, Any]]:
+        stmt = (
+            select(
+                enrollments.c.id.label("enrollment_id"), enrollments.c.journey_id, enrollments.c.journey_version,
+                enrollments.c.step, enrollments.c.variant, enrollments.c.event_id,
+                events.c.properties.label("event_properties"), *members.c,
+            )
+            .select_from(enrollments.join(members, members.c.id == enrollments.c.member_id)
+                         .outerjoin(events, events.c.id == enrollments.c.event_id))
+            .where(enrollments.c.id.in_(ids))
+            .order_by(enrollments.c.id)
+        )
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def _run_batch(self, ids: list[int], now: datetime, report: TickReport) -> None:
+        app = self.app
+        rails = Rails(app.config)
+        with app.store.connect() as conn:
+            rows = self._load(conn, ids)
+            rails.prepare(conn, rows, now)
+            journeys = {}
+            for row in rows:
+                key = (row["journey_id"], row["journey_version"])
+                if key not in journeys:
+                    journeys[key] = self.cache.get(conn, *key)
+        transitions: list[Transition] = []
+        outgoing: list[dict[str, Any]] = []
+        contexts = ContextBuilder(app.rules().loyalty, app.config.default_locale, app.config.default_timezone)
+        for row in rows:
+            live = journeys[(row["journey_id"], row["journey_version"])]
+            if live is None:
+                transitions.append(Transition(row["enrollment_id"], None, EnrollmentStatus.EXITED.value, None, now,
+                                              "journey version missing"))
+                continue
+            event = row.get("event_properties") or {}
+            transition = advance(live, row["step"], row, now, row["enrollment_id"], app.config.default_timezone,
+                                 event)
+            transitions.append(transition)
+            for step in transition.sends:
+                outgoing.append(self._message_row(live, row, step, now, rails, contexts, event))
+        with app.store.begin() as conn:
+            inserted = audit.append(conn, app.store.dialect, outgoing)
+            self._save_transitions(conn, transitions)
+        for t in transitions:
+            if t.status == EnrollmentStatus.COMPLETED.value:
+                report.add("completed")
+            elif t.status == EnrollmentStatus.EXITED.value:
+                report.add("exited")
+        for row in inserted:
+            if row["status"] != MessageStatus.SENDING.value:
+                report.add(row["status"])
+        self._deliver([r for r in inserted if r["status"] == MessageStatus.SENDING.value], now, report)
+
+    def _message_row(self, live: LiveJourney, member: Mapping[str, Any], step: SendStep, now: datetime,
+                     rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any]) -> dict[str, Any]:
+        verdict, address = rails.check(member, step.channel, now)
+        row: dict[str, Any] = {
+            "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
+            "journey_version": live.version, "step": step.id, "channel": step.channel, "template": step.template,
+            "locale": None, "variant": member.get("variant"), "recipient": address, "subject": None, "body": None,
+            "html": None, "status": verdict.status.value, "reason": verdict.reason, "error": verdict.error,
+            "provider_id": None, "attempts": 0, "next_attempt_at": verdict.not_before, "created_at": now,
+            "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
+        }
+        if verdict.status is MessageStatus.SUPPRESSED:
+            return row
+        link = unsub.url(self.app.config.web.public_url,
+                         unsub.make_token(self.app.secret, member["id"], step.channel))
+        context = contexts.build(member, now, {"id": live.id, "name": live.journey.name, "version": live.version},
+                                 event, link)
+        try:
+            rendered = self.app.templates.render(step.template, step.channel, member.get("locale"), context)
+        except TemplateRenderError as exc:
+            row.update(status=MessageStatus.FAILED.value, reason=Reason.TEMPLATE_ERROR, error=str(exc),
+                       next_attempt_at=None)
+            log.warning("journey %s step %s: %s", live.id, step.id, exc)
+            return row
+        row.update(locale=rendered.locale, subject=rendered.subject, body=rendered.text, html=rendered.html)
+        if verdict.status is MessageStatus.SENDING:
+            row.update(claimed_by=self.worker,
+                       claimed_until=now + timedelta(seconds=self.app.config.scheduler.lease_seconds))
+        return row
+
+    def _save_transitions(self, conn: Connection, transitions: Sequence[Transition]) -> None:
+        if not transitions:
+            return
+        stmt = (update(enrollments).where(enrollments.c.id == bindparam("_id"))
+                .values(step=bindparam("_step"), status=bindparam("_status"), next_run_at=bindparam("_next"),
+                        ended_at=bindparam("_ended"), exit_reason=bindparam("_reason"), claimed_by=None,
+                        claimed_until=None))
+        conn.execute(stmt, [{"_id": t.enrollment_id, "_step": t.step, "_status": t.status, "_next": t.next_run_at,
+                             "_ended": t.ended_at, "_reason": t.exit_reason} for t in transitions])
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver(self, rows: list[dict[str, Any]], now: datetime, report: TickReport) -> None:
+        by_channel: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_channel.setdefault(row["channel"], []).append(row)
+        updates: list[dict[str, Any]] = []
+        for channel_name, group in by_channel.items():
+            channel = self.app.channel(channel_name)
+            outgoing = [self._outgoing(r) for r in group]
+            results = self._send(channel, outgoing)
+            for row, result in zip(group, results, strict=True):
+                updates.append(self._result_update(row, result, now, report))
+        if updates:
+            with self.app.store.begin() as conn:
+                self._save_results(conn, updates, now)
+
+    def _outgoing(self, row: Mapping[str, Any]) -> OutgoingMessage:
+        headers: dict[str, str] = {}
+        if row["channel"] == "email":
+            link = unsub.url(self.app.config.web.public_url,
+                             unsub.make_token(self.app.secret, row["member_id"], "email"))
+            headers = unsub.headers(link)
+        return OutgoingMessage(id=row["id"], channel=row["channel"], recipient=row["recipient"], text=row["body"],
+                               member_id=row["member_id"], journey=row["journey"], step=row["step"],
+                               subject=row.get("subject"), html=row.get("html"), headers=headers)
+
+    def _send(self, channel: Channel, outgoing: list[OutgoingMessage]) -> list[SendResult]:
+        try:
+            results = channel.send_batch(outgoing)
+        except Exception as exc:  # noqa: BLE001 - a broken channel must not lose the log
+            log.exception("channel %s failed for a whole batch", channel.provider)
+            return [SendResult(Outcome.PERMANENT, error=f"unknown: channel error {exc!r}") for _ in outgoing]
+        if len(results) != len(outgoing):
+            return [SendResult(Outcome.PERMANENT, error="unknown: channel returned the wrong number of results")
+                    for _ in outgoing]
+        return results
+
+    def _result_update(self, row: Mapping[str, Any], result: SendResult, now: datetime,
+                       report: TickReport) -> dict[str, Any]:
+        attempts = int(row.get("attempts") or 0) + 1
+        update_row = {"_id": row["id"], "_provider": result.provider_id, "_error": result.error,
+                      "_attempts": attempts, "_sent": None, "_next": None, "_reason": row.get("reason")}
+        if result.sent:
+            update_row.update(_status=MessageStatus.SENT.value, _sent=now)
+        elif result.error and result.error.startswith("unknown:"):
+            update_row.update(_status=MessageStatus.UNKNOWN.value)
+        elif result.outcome is Outcome.TRANSIENT and attempts < MAX_ATTEMPTS:
+            delay = timedelta(seconds=result.retry_after) if result.retry_after else backoff(attempts)
+            update_row.update(_status=MessageStatus.QUEUED.value, _next=now + delay, _reason="retry")
+        elif result.outcome is Outcome.TRANSIENT:
+            update_row.update(_status=MessageStatus.FAILED.value,
+                              _error=f"gave up after {attempts} attempts: {result.error}")
+        else:
+            update_row.update(_status=MessageStatus.FAILED.value)
+        report.add(update_row["_status"])
+        return update_row
+
+    def _save_results(self, conn: Connection, updates: list[dict[str, Any]], now: datetime) -> None:
+        stmt = (update(messages).where(messages.c.id == bindparam("_id"))
+                .values(status=bindparam("_status"), provider_id=bindparam("_provider"), error=bindparam("_error"),
+                        attempts=bindparam("_attempts"), sent_at=bindparam("_sent"),
+                        next_attempt_at=bindparam("_next"), reason=bindparam("_reason"), claimed_by=None,
+                        claimed_until=None, updated_at=now))
+        conn.execute(stmt, updates)
+
+    # ------------------------------------------------------------------ queued messages (deferred, retries)
+
+    def dispatch_queued(self, now: datetime, report: TickReport, stop: Callable[[], bool]) -> None:
+        config = self.app.config
+        lease = now + timedelta(seconds=config.scheduler.lease_seconds)
+        while not stop():
+            with self.app.store.begin() as conn:
+                ids = queries.claim_queued_messages(conn, self.worker, now, lease, config.scheduler.batch_size)
+            if not ids:
+                return
+            with self.app.store.connect() as conn:
+                rows = [dict(r) for r in conn.execute(
+                    select(messages, members.c.email_opt_in, members.c.sms_opt_in, members.c.email.label("m_email"),
+                           members.c.phone.label("m_phone"))
+                    .select_from(messages.join(members, members.c.id == messages.c.member_id))
+                    .where(messages.c.id.in_(ids))).mappings()]
+                rails = Rails(config)
+                rails.prepare(conn, [{"id": r["member_id"], "email": r["m_email"], "phone": r["m_phone"]}
+                                     for r in rows], now)
+            ready, blocked = [], []
+            for row in rows:
+                verdict = self._recheck(row, rails)
+                (ready if verdict is None else blocked).append((row, verdict))
+            if blocked:
+                with self.app.store.begin() as conn:
+                    self._save_results(conn, [
+                        {"_id": r["id"], "_status": v.status.value, "_provider": None, "_error": v.error,
+                         "_attempts": r["attempts"], "_sent": None, "_next": None, "_reason": v.reason}
+                        for r, v in blocked if v is not None], now)
+                    report.add("suppressed", len(blocked))
+            self._deliver([r for r, _ in ready], now, report)
+
+    def _recheck(self, row: Mapping[str, Any], rails: Rails) -> Verdict | None:
+        """Consent can be withdrawn while a message waits: check it again before it goes."""
+        channel = row["channel"]
+        opted = row["email_opt_in"] if channel == "email" else row["sms_opt_in"]
+        if not opted:
+            return Verdict(MessageStatus.SUPPRESSED, Reason.CONSENT,
+                           f"member withdrew {channel} consent before the deferred message went out")
+        if (channel, row["recipient"]) in rails.suppressed:
+            return Verdict(MessageStatus.SUPPRESSED, Reason.SUPPRESSED_ADDRESS,
+                           f"{channel} address was added to the suppression list")
+        return None

@@ -1,0 +1,133 @@
+"""The database: engine creation, migrations, and the single-process guard for SQLite."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
+
+from engine.exceptions import AlreadyRunning, ConfigError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_MIGRATION_LOCK = 7_440_231  # advisory lock id serialising migrations across daemons
+
+
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+class Store:
+    """One database. ``dialect`` is ``sqlite`` or ``postgresql``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///") and not url.endswith(":memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
+        except Exception as exc:  # noqa: BLE001 - bad URLs raise several types
+            raise ConfigError(f"database.url {url!r} is not usable: {exc}") from None
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        elif self.dialect != "postgresql":
+            raise ConfigError(f"database.url must be sqlite:///... or postgresql+psycopg://..., got: {url}")
+        self._lock_file: IO[str] | None = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        if not self.is_sqlite or self.url.endswith(":memory:"):
+            return None
+        return Path(self.url.removeprefix("sqlite:///"))
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def connect(self) -> Connection:
+        return self.engine.connect()
+
+    # ------------------------------------------------------------------ schema
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+    def migrate(self) -> bool:
+        """Upgrade to the newest schema; True if anything was applied."""
+        try:
+            if self.current_revision() == self.head_revision():
+                return False
+        except OperationalError as exc:
+            raise ConfigError(f"cannot open the database {self.url}: {exc.orig}") from None
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_MIGRATION_LOCK})
+            command.upgrade(alembic_config(conn), "head")
+        return True
+
+    # ------------------------------------------------------------------ one process on SQLite
+
+    def acquire_process_lock(self, what: str) -> None:
+        """On SQLite, refuse to run a second engine process against the same file."""
+        path = self.sqlite_path
+        if path is None or self._lock_file is not None:
+            return
+        lock_path = path.with_name(path.name + ".lock")
+        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise AlreadyRunning(
+                f"another engine process ({holder}) is already working on {path}; on SQLite only one may run "
+                f"at a time. Stop it first, or use PostgreSQL (database.url) to run several daemons"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, {what}")
+        handle.flush()
+        self._lock_file = handle
+
+    def release_process_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def close(self) -> None:
+        self.release_process_lock()
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

@@ -1,0 +1,231 @@
+"""Message templates: Jinja2's sandbox, strict about undefined variables, per locale.
+
+Layout: ``templates/<locale>/<name>.<part>.j2`` where part is ``subject``,
+``text`` (both channels) or ``html`` (email, optional: derived from the text
+when absent). ``html`` files are autoescaped. A member's locale falls back to
+its language (``en-US`` → ``en``) and then to ``default_locale``.
+"""
+
+from __future__ import annotations
+
+import html as htmllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import jinja2
+from babel.core import Locale, UnknownLocaleError
+from babel.dates import format_date, format_datetime
+from babel.numbers import format_currency, format_decimal
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from engine.exceptions import TemplateRenderError
+from engine.problems import Problem
+
+SUFFIX = ".j2"
+PARTS = {"email": ("subject", "text", "html"), "sms": ("text",)}
+REQUIRED = {"email": ("subject", "text"), "sms": ("text",)}
+CONTEXT_NAMES = frozenset({"member", "tier", "next_tier", "event", "journey", "step", "now", "unsubscribe_url"})
+
+
+@dataclass(frozen=True)
+class Rendered:
+    locale: str
+    text: str
+    subject: str | None = None
+    html: str | None = None
+
+
+def _babel_locale(locale: str) -> str:
+    try:
+        return str(Locale.parse(locale.replace("-", "_")))
+    except (UnknownLocaleError, ValueError):
+        return "en"
+
+
+class Templates:
+    """Compiled templates, cached; ``refresh()`` drops the cache so edited files are picked up."""
+
+    def __init__(self, root: Path, default_locale: str, currency: str = "CNY") -> None:
+        self.root = root
+        self.default_locale = default_locale
+        self.currency = currency
+        self.env = SandboxedEnvironment(
+            loader=jinja2.FileSystemLoader(str(root)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=lambda name: bool(name and name.endswith(".html" + SUFFIX)),
+            auto_reload=True,
+            keep_trailing_newline=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(money=self._money, date=self._date, datetime=self._datetime,
+                                discount=self._discount, number=self._number)
+        self._compiled: dict[str, jinja2.Template] = {}
+        self._resolved: dict[tuple[str, str], str | None] = {}
+
+    def refresh(self) -> None:
+        self._compiled.clear()
+        self._resolved.clear()
+
+    # ----------------------------------------------------------------- lookup
+
+    def locales(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _path(self, locale: str, name: str, part: str) -> str:
+        return f"{locale}/{name}.{part}{SUFFIX}"
+
+    def _has(self, locale: str, name: str, part: str) -> bool:
+        return (self.root / self._path(locale, name, part)).is_file()
+
+    def resolve_locale(self, locale: str | None, name: str) -> str | None:
+        """The locale whose version of NAME a member with LOCALE gets, or None if none exists."""
+        key = (locale or "", name)
+        if key not in self._resolved:
+            candidates = []
+            if locale:
+                candidates += [locale, locale.split("-")[0]]
+            candidates += [self.default_locale, self.default_locale.split("-")[0]]
+            found = None
+            for candidate in candidates:
+                if self._has(candidate, name, "text"):
+                    found = candidate
+                    break
+            self._resolved[key] = found
+        return self._resolved[key]
+
+    def _template(self, path: str) -> jinja2.Template:
+        template = self._compiled.get(path)
+        if template is None:
+            template = self.env.get_template(path)
+            self._compiled[path] = template
+        return template
+
+    # ----------------------------------------------------------------- rendering
+
+    def render(self, name: str, channel: str, locale: str | None, context: Mapping[str, Any]) -> Rendered:
+        chosen = self.resolve_locale(locale, name)
+        if chosen is None:
+            raise TemplateRenderError(f"template {name!r} does not exist for {locale or self.default_locale} "
+                                      f"or {self.default_locale} under {self.root}")
+        ctx = dict(context)
+        ctx["_locale"] = chosen
+        parts: dict[str, str | None] = {}
+        for part in PARTS[channel]:
+            if part == "html" and not self._has(chosen, name, part):
+                parts[part] = None
+                continue
+            path = self._path(chosen, name, part)
+            try:
+                parts[part] = self._template(path).render(ctx).strip()
+            except jinja2.TemplateNotFound:
+                raise TemplateRenderError(f"{path}: missing; a {channel} template needs "
+                                          f"{' and '.join(REQUIRED[channel])}") from None
+            except jinja2.UndefinedError as exc:
+                raise TemplateRenderError(f"templates/{path}: {exc.message}") from None
+            except jinja2.TemplateError as exc:
+                raise TemplateRenderError(f"templates/{path}: {exc}") from None
+            except (TypeError, ValueError, ArithmeticError) as exc:
+                raise TemplateRenderError(f"templates/{path}: {type(exc).__name__}: {exc}") from None
+        text = parts["text"] or ""
+        if channel == "sms":
+            return Rendered(chosen, text)
+        html = parts.get("html") or _html_from_text(text)
+        return Rendered(chosen, text, parts.get("subject") or "", html)
+
+    # ----------------------------------------------------------------- filters
+
+    @jinja2.pass_context
+    def _money(self, ctx: Any, value: Any, currency: str | None = None) -> str:
+        return format_currency(value, currency or self.currency, locale=_babel_locale(ctx.get("_locale", "en")))
+
+    @jinja2.pass_context
+    def _number(self, ctx: Any, value: Any) -> str:
+        return format_decimal(value, locale=_babel_locale(ctx.get("_locale", "en")))
+
+    @jinja2.pass_context
+    def _date(self, ctx: Any, value: date | datetime | None, fmt: str = "long") -> str:
+        if value is None:
+            return ""
+        if isinstance(value, datetime):
+            value = value.astimezone(_zone(ctx)).date()
+        return format_date(value, fmt, locale=_babel_locale(ctx.get("_locale", "en")))
+
+    @jinja2.pass_context
+    def _datetime(self, ctx: Any, value: datetime | None, fmt: str = "medium") -> str:
+        if value is None:
+            return ""
+        return format_datetime(value, fmt, tzinfo=_zone(ctx), locale=_babel_locale(ctx.get("_locale", "en")))
+
+    @jinja2.pass_context
+    def _discount(self, ctx: Any, rate: float) -> str:
+        """0.8 → 8折 in Chinese, "20% off" otherwise."""
+        if str(ctx.get("_locale", "")).startswith("zh"):
+            tenths = round(rate * 10, 1)
+            return f"{tenths:g}折"
+        return f"{round((1 - rate) * 100):g}% off"
+
+    # ----------------------------------------------------------------- validation
+
+    def check(self, name: str, channel: str) -> list[str]:
+        """Problems with template NAME for CHANNEL, as messages (the caller positions them)."""
+        messages: list[str] = []
+        locales = [loc for loc in self.locales() if self._has(loc, name, "text") or self._has(loc, name, "subject")]
+        if not locales:
+            return [f"template {name!r} not found: expected {self.root.name}/{self.default_locale}/{name}.text{SUFFIX}"
+                    + (f" and .subject{SUFFIX}" if channel == "email" else "")]
+        if self.default_locale not in locales:
+            messages.append(f"template {name!r} has no {self.default_locale} version (the default locale); "
+                            f"add {self.root.name}/{self.default_locale}/{name}.text{SUFFIX}")
+        for locale in locales:
+            for part in REQUIRED[channel]:
+                if not self._has(locale, name, part):
+                    messages.append(f"template {name!r} for {channel} needs "
+                                    f"{self.root.name}/{locale}/{name}.{part}{SUFFIX}")
+        return messages
+
+    def syntax_problems(self) -> list[Problem]:
+        """Every template file that does not compile or uses a variable the engine never provides."""
+        problems: list[Problem] = []
+        if not self.root.is_dir():
+            return problems
+        for path in sorted(self.root.rglob(f"*{SUFFIX}")):
+            rel = path.relative_to(self.root).as_posix()
+            shown = str(path)
+            source = path.read_text(encoding="utf-8")
+            try:
+                ast = self.env.parse(source, rel, rel)
+                self.env.compile(source, rel, rel)
+            except jinja2.TemplateSyntaxError as exc:
+                problems.append(Problem(shown, exc.lineno or 1, 1, f"template syntax error: {exc.message}"))
+                continue
+            unknown = sorted(meta.find_undeclared_variables(ast) - CONTEXT_NAMES)
+            for var in unknown:
+                line = next((i for i, text in enumerate(source.splitlines(), 1) if var in text), 1)
+                problems.append(Problem(shown, line, 1, f"unknown variable {var!r}; templates can use "
+                                        f"{', '.join(sorted(CONTEXT_NAMES))}"))
+        return problems
+
+
+def _zone(ctx: Any) -> ZoneInfo:
+    member = ctx.get("member")
+    name = None
+    if isinstance(member, Mapping):
+        name = member.get("timezone")
+    try:
+        return ZoneInfo(name or "UTC")
+    except Exception:  # noqa: BLE001 - a bad zone in member data must not break rendering
+        return ZoneInfo("UTC")
+
+
+def _html_from_text(text: str) -> str:
+    paragraphs = [htmllib.escape(p).replace("\n", "<br>\n") for p in text.split("\n\n") if p.strip()]
+    body = "\n".join(f"<p>{p}</p>" for p in paragraphs)
+    return f'<!doctype html>\n<html><body style="font-family: sans-serif; line-height: 1.6">\n{body}\n</body></html>'

@@ -1,0 +1,97 @@
+"""Journey versions: every distinct definition of a journey is stored once and numbered.
+
+Members finish a journey on the version they entered. A journey whose file is
+broken keeps running its last good stored version; a journey whose file was
+removed is retired (no new entries, no further sends).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from engine.conditions import Condition
+from engine.journey import Journey
+from engine.models import journey_state, journey_versions
+from engine.rulebook import Rulebook, journey_from_definition, snapshot, stored_segments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LiveJourney:
+    journey: Journey
+    version: int
+    segments: dict[str, Condition]
+    from_file: bool = True  # False: its file is broken, this is the last good version
+
+    @property
+    def id(self) -> str:
+        return self.journey.id
+
+
+class VersionCache:
+    """Parsed stored versions, by (journey id, version); versions never change once stored."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], LiveJourney] = {}
+
+    def get(self, conn: Connection, journey_id: str, version: int) -> LiveJourney | None:
+        key = (journey_id, version)
+        if key not in self._cache:
+            row = conn.execute(select(journey_versions.c.definition, journey_versions.c.source_path).where(
+                journey_versions.c.journey_id == journey_id, journey_versions.c.version == version)).first()
+            if row is None:
+                return None
+            journey = journey_from_definition(row.definition, row.source_path)
+            self._cache[key] = LiveJourney(journey, version, stored_segments(row.definition), from_file=False)
+        return self._cache[key]
+
+    def put(self, live: LiveJourney) -> None:
+        self._cache[(live.id, live.version)] = live
+
+
+def sync(conn: Connection, dialect: str, book: Rulebook, cache: VersionCache, now: datetime) -> dict[str, LiveJourney]:
+    """Register new versions of valid journeys; return every journey that should run, by id."""
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    live: dict[str, LiveJourney] = {}
+    segments = book.segments
+    for journey in book.journeys.values():
+        definition, checksum = snapshot(journey, segments)
+        version = conn.execute(select(journey_versions.c.version).where(
+            journey_versions.c.journey_id == journey.id, journey_versions.c.checksum == checksum)).scalar()
+        if version is None:
+            latest = conn.execute(select(func.max(journey_versions.c.version)).where(
+                journey_versions.c.journey_id == journey.id)).scalar() or 0
+            conn.execute(insert(journey_versions).values(
+                journey_id=journey.id, version=latest + 1, checksum=checksum, definition=definition,
+                source_path=journey.source, created_at=now).on_conflict_do_nothing())
+            version = conn.execute(select(journey_versions.c.version).where(
+                journey_versions.c.journey_id == journey.id, journey_versions.c.checksum == checksum)).scalar_one()
+            log.info("journey %s: registered version %s from %s", journey.id, version, journey.source)
+        stmt = insert(journey_state).values(journey_id=journey.id, current_version=version,
+                                            source_path=journey.source, updated_at=now, retired_at=None)
+        conn.execute(stmt.on_conflict_do_update(index_elements=["journey_id"], set_={
+            "current_version": version, "source_path": journey.source, "retired_at": None, "updated_at": now}))
+        item = LiveJourney(journey, version, {n: s.condition for n, s in segments.items()})
+        cache.put(item)
+        live[journey.id] = item
+    for row in conn.execute(select(journey_state).where(journey_state.c.retired_at.is_(None))).mappings():
+        if row["journey_id"] in live:
+            continue
+        if row["source_path"] in book.broken_files:
+            kept = cache.get(conn, row["journey_id"], row["current_version"])
+            if kept is not None:
+                live[kept.id] = kept
+                log.warning("journey %s: %s has errors; still running version %s (run `validate`)",
+                            kept.id, row["source_path"], kept.version)
+            continue
+        conn.execute(update(journey_state).where(journey_state.c.journey_id == row["journey_id"])
+                     .values(retired_at=now, updated_at=now))
+        log.warning("journey %s: its file %s is gone; retired (no new entries or sends)",
+                    row["journey_id"], row["source_path"])
+    return live
