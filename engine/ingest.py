@@ -237,7 +237,8 @@ def _zone_text(value: Any) -> str | None:
     return text
 
 
-def _upsert(conn: Connection, dialect: str, rows: list[dict[str, Any]], now: datetime) -> None:
+def upsert_members(conn: Connection, dialect: str, rows: list[dict[str, Any]], now: datetime) -> None:
+    """Insert or update validated member rows (see parse_member) in one statement per column shape."""
     if not rows:
         return
     insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
@@ -280,15 +281,15 @@ def import_members(store: Store, path: Path, loyalty: Loyalty, region: str, now:
                 report.skipped.append((line, str(exc)))
                 continue
             if member["id"] in seen_in_batch:
-                _upsert(conn, store.dialect, batch, now)
+                upsert_members(conn, store.dialect, batch, now)
                 batch, seen_in_batch = [], set()
             batch.append(member)
             seen_in_batch.add(member["id"])
             report.loaded += 1
             if len(batch) >= BATCH:
-                _upsert(conn, store.dialect, batch, now)
+                upsert_members(conn, store.dialect, batch, now)
                 batch, seen_in_batch = [], set()
-        _upsert(conn, store.dialect, batch, now)
+        upsert_members(conn, store.dialect, batch, now)
     return report
 
 

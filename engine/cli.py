@@ -1,0 +1,457 @@
+"""The command line: ``python run.py VERB ...`` (see DESIGN.md for the contract).
+
+Exit 0 on success, 1 on a user error (one clear line per problem; a traceback
+only with --debug), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from engine import audit, funnel, messagelog
+from engine import logs as logsetup
+from engine import members as member_ops
+from engine.config import Config, load_config
+from engine.durations import parse_duration
+from engine.exceptions import EngineError, InputError, RulesError
+from engine.timeutil import parse_instant
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Ctx:
+    config_path: str
+    db: str | None
+    debug: bool
+
+    def config(self) -> Config:
+        explicit = self.config_path != "config.yaml"
+        return load_config(self.config_path, self.db, required=explicit)
+
+    def app(self, *, lock: str | None = None) -> Any:
+        from engine.app import App
+
+        app = App(self.config())
+        if lock:
+            app.store.acquire_process_lock(lock)
+        return app
+
+
+def handle_errors(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context().find_object(Ctx)
+        try:
+            return func(*args, **kwargs)
+        except RulesError as exc:
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except EngineError as exc:
+            if ctx is not None and ctx.debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            cause = exc.__cause__
+            if cause is not None:
+                click.echo(f"  caused by: {type(cause).__name__}: {cause}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def instant(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", default="config.yaml", show_default=True, help="runtime configuration file")
+@click.option("--db", default=None, help="database URL, overriding database.url")
+@click.option("--debug", is_flag=True, help="verbose logs and full tracebacks")
+@click.pass_context
+def main(ctx: click.Context, config_path: str, db: str | None, debug: bool) -> None:
+    """Rule-driven marketing automation for membership programmes."""
+    logsetup.setup(debug)
+    if not debug:
+        logging.getLogger().setLevel(logging.WARNING)
+    ctx.obj = Ctx(config_path, db, debug)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.pass_obj
+@handle_errors
+def validate(obj: Ctx, paths: tuple[Path, ...]) -> None:
+    """Check journeys, segments, loyalty rules, templates and config."""
+    from engine.rulebook import load_rulebook
+    from engine.templates import Templates
+
+    try:
+        config = obj.config()
+    except EngineError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+    templates = Templates(config.templates_path, config.default_locale, config.currency)
+    extra = [p for p in paths if p.is_file() and p.suffix in (".yaml", ".yml")
+             and p.name not in ("segments.yaml", "loyalty.yaml", "config.yaml")]
+    book = load_rulebook(config.rules_path, templates, [p.resolve() for p in extra])
+    problems = book.problems
+    if paths:
+        wanted = [p.resolve() for p in paths]
+        problems = [p for p in problems if any(_within(Path(p.file).resolve(), w) for w in wanted)]
+    for problem in sorted(problems, key=lambda p: (p.file, p.line, p.col)):
+        click.echo(f"{_relative(problem.file)}:{problem.line}:{problem.col}: {problem.message}")
+    if problems:
+        click.echo(f"{len(problems)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {len(book.journeys)} journeys, {len(book.segments)} segments, {len(book.loyalty.tiers)} tiers, "
+               f"{len(list(config.templates_path.rglob('*.j2')))} template files")
+
+
+def _within(path: Path, wanted: Path) -> bool:
+    return path == wanted or wanted in path.parents
+
+
+def _relative(file: str) -> str:
+    try:
+        return str(Path(file).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return file
+
+
+# --------------------------------------------------------------------------- import and events
+
+
+@main.group(name="import")
+def import_group() -> None:
+    """Load members or events from CSV or JSONL."""
+
+
+def _print_import(file: Path, what: str, report: Any) -> None:
+    for line in report.lines(str(file)):
+        click.echo(line, err=True)
+    extra = f" ({report.triggered} tier changes recorded)" if getattr(report, "triggered", 0) else ""
+    click.echo(f"{what}: {report.loaded} loaded, {len(report.skipped)} skipped{extra}")
+    if report.skipped:
+        sys.exit(1)
+
+
+@import_group.command("members")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.pass_obj
+@handle_errors
+def import_members_cmd(obj: Ctx, file: Path) -> None:
+    """Upsert members (by id) from FILE."""
+    from engine.ingest import import_members
+
+    app = obj.app()
+    book = app.require_valid_rules()
+    report = import_members(app.store, file, book.loyalty, app.config.default_region, datetime.now(UTC))
+    _print_import(file, "members", report)
+
+
+@import_group.command("events")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.pass_obj
+@handle_errors
+def import_events_cmd(obj: Ctx, file: Path) -> None:
+    """Append events from FILE."""
+    from engine.ingest import import_events
+
+    app = obj.app()
+    book = app.require_valid_rules()
+    report = import_events(app.store, file, book.loyalty, datetime.now(UTC))
+    _print_import(file, "events", report)
+
+
+_PROP = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+@main.command()
+@click.argument("member_id")
+@click.argument("event_type")
+@click.option("--prop", "props", multiple=True, help="a property, key=value (repeatable)")
+@click.option("--at", "at", default=None, help="when it happened (ISO 8601; default now)")
+@click.pass_obj
+@handle_errors
+def event(obj: Ctx, member_id: str, event_type: str, props: tuple[str, ...], at: str | None) -> None:
+    """Record one event for a member."""
+    from engine.ingest import _attribute_value, record_events
+
+    properties: dict[str, Any] = {}
+    for prop in props:
+        match = _PROP.match(prop)
+        if match is None:
+            raise click.BadParameter(f"must be key=value, got: {prop!r}", param_hint="--prop")
+        properties[match.group(1)] = _attribute_value(match.group(2))
+    when = instant(at, "--at") or datetime.now(UTC)
+    app = obj.app()
+    book = app.require_valid_rules()
+    row = {"member_id": member_id, "type": event_type, "at": when.isoformat(), "properties": properties}
+    report = record_events(app.store, [(1, row, None)], book.loyalty, datetime.now(UTC), "cli")
+    if report.skipped:
+        raise InputError(report.skipped[0][1])
+    extra = f"; it also raised the member's tier ({report.triggered} tier_changed event)" if report.triggered else ""
+    click.echo(f"recorded {event_type} for {member_id} at {when.isoformat()}{extra}")
+
+
+# --------------------------------------------------------------------------- running
+
+
+@main.command()
+@click.option("--now", "now_text", default=None, help="the clock for this pass (ISO 8601; default now)")
+@click.pass_obj
+@handle_errors
+def tick(obj: Ctx, now_text: str | None) -> None:
+    """One full evaluation pass at the given clock."""
+    now = instant(now_text, "--now") or datetime.now(UTC)
+    app = obj.app(lock="tick")
+    try:
+        _warn_rules(app)
+        report = app.tick(now)
+    finally:
+        app.close()
+    click.echo(f"tick {now.isoformat()}: {report.summary()} ({report.seconds:.2f}s)")
+
+
+def _warn_rules(app: Any) -> None:
+    book = app.rules()
+    for problem in book.problems:
+        click.echo(f"warning: {problem}", err=True)
+    if book.problems:
+        click.echo("warning: files with problems were skipped; their last good versions keep running "
+                   "(run `python run.py validate`)", err=True)
+
+
+@main.command()
+@click.option("--from", "start", required=True, help="start of the window (ISO 8601)")
+@click.option("--to", "end", required=True, help="end of the window (ISO 8601)")
+@click.option("--every", default="1h", show_default=True, help="time between ticks (e.g. 15m, 1h, 1d)")
+@click.pass_obj
+@handle_errors
+def simulate(obj: Ctx, start: str, end: str, every: str) -> None:
+    """Run ticks over a window on a virtual clock."""
+    from engine.simulate import simulate as run
+
+    first, last = instant(start, "--from"), instant(end, "--to")
+    assert first is not None and last is not None
+    try:
+        step = parse_duration(every)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--every") from None
+    if last < first:
+        raise click.BadParameter("must not be before --from", param_hint="--to")
+    app = obj.app(lock="simulate")
+    try:
+        _warn_rules(app)
+        total = run(app, first, last, step, after_tick=lambda r: _tick_line(r))
+    finally:
+        app.close()
+    click.echo(f"simulated {first.isoformat()} → {last.isoformat()} every {every}: {total.summary()}")
+
+
+def _tick_line(report: Any) -> None:
+    if report.counts:
+        click.echo(f"  {report.now.isoformat()}: {report.summary()}")
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+def serve(obj: Ctx) -> None:
+    """Run the scheduler daemon until SIGTERM/SIGINT."""
+    from engine.daemon import Daemon
+
+    logging.getLogger().setLevel(logging.DEBUG if obj.debug else logging.INFO)
+    app = obj.app()
+    try:
+        Daemon(app).run()
+    finally:
+        app.close()
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+def web(obj: Ctx) -> None:
+    """Run only the HTTP service (event API, webhooks, unsubscribe pages, health, metrics)."""
+    raise EngineError("the HTTP service is not part of this version yet (it is planned); "
+                      "use `import events` or `event` to record events")
+
+
+# --------------------------------------------------------------------------- looking
+
+
+@main.command()
+@click.argument("journey_id")
+@click.argument("step_id")
+@click.option("--member", "member_id", required=True, help="the member to render for")
+@click.pass_obj
+@handle_errors
+def preview(obj: Ctx, journey_id: str, step_id: str, member_id: str) -> None:
+    """Render a step's message for a member, without sending."""
+    from engine.preview import render_preview
+
+    app = obj.app()
+    try:
+        click.echo(render_preview(app, journey_id, step_id, member_id, datetime.now(UTC)))
+    finally:
+        app.close()
+
+
+@main.command(name="log")
+@click.option("--member", default=None)
+@click.option("--journey", default=None)
+@click.option("--status", type=click.Choice(messagelog.STATUSES), default=None)
+@click.option("--since", default=None, help="ISO 8601")
+@click.option("--until", default=None, help="ISO 8601")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table", show_default=True)
+@click.pass_obj
+@handle_errors
+def log_cmd(obj: Ctx, member: str | None, journey: str | None, status: str | None, since: str | None,
+            until: str | None, fmt: str) -> None:
+    """Query the message log."""
+    flt = messagelog.LogFilter(member, journey, status, instant(since, "--since"), instant(until, "--until"))
+    app = obj.app()
+    try:
+        with app.store.connect() as conn:
+            count = messagelog.write(sys.stdout, messagelog.rows(conn, flt), fmt)
+    except BrokenPipeError:  # `| head` closed the pipe: that is fine
+        sys.stderr.close()
+        return
+    finally:
+        app.store.close()
+    if fmt == "table":
+        click.echo(f"{count} message(s)", err=True)
+
+
+@main.command()
+@click.option("--journey", default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
+@click.pass_obj
+@handle_errors
+def report(obj: Ctx, journey: str | None, fmt: str) -> None:
+    """Funnel and conversion figures per journey."""
+    app = obj.app()
+    with app.store.connect() as conn:
+        items = funnel.figures(conn, journey)
+    app.store.close()
+    render = {"table": funnel.as_table, "json": funnel.as_json, "html": funnel.as_html}[fmt]
+    click.echo(render(items))
+
+
+@main.group(name="audit")
+def audit_group() -> None:
+    """Check the message log's integrity."""
+
+
+@audit_group.command("verify")
+@click.pass_obj
+@handle_errors
+def audit_verify(obj: Ctx) -> None:
+    """Check the log's hash chain; exit 1 naming the first bad row."""
+    app = obj.app()
+    with app.store.connect() as conn:
+        result = audit.verify(conn)
+    app.store.close()
+    if not result.ok:
+        where = f"row {result.first_bad_id}" if result.first_bad_id is not None else "the log"
+        click.echo(f"audit FAILED at {where}: {result.problem}", err=True)
+        sys.exit(1)
+    extra = f" ({result.redacted} erased by `member forget`, hashes kept)" if result.redacted else ""
+    click.echo(f"audit ok: {result.rows} rows, hash chain intact{extra}")
+
+
+@main.group(name="member")
+def member_group() -> None:
+    """Look at or erase one member."""
+
+
+@member_group.command("show")
+@click.argument("member_id")
+@click.pass_obj
+@handle_errors
+def member_show(obj: Ctx, member_id: str) -> None:
+    """Member state and history."""
+    app = obj.app()
+    book = app.rules()
+    with app.store.connect() as conn:
+        click.echo(member_ops.show(conn, member_id, book.loyalty, app.config.default_locale))
+    app.store.close()
+
+
+@member_group.command("forget")
+@click.argument("member_id")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.pass_obj
+@handle_errors
+def member_forget(obj: Ctx, member_id: str, yes: bool) -> None:
+    """Erase a member's personal data (log rows keep their hashes)."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Erase all personal data of member {member_id}? This cannot be undone", abort=True)
+    app = obj.app()
+    with app.store.begin() as conn:
+        counts = member_ops.forget(conn, member_id, datetime.now(UTC))
+    app.store.close()
+    click.echo(f"member {member_id} forgotten: {counts['messages']} log rows redacted, {counts['events']} events "
+               f"cleared, {counts['enrollments']} journeys ended")
+
+
+@main.group(name="db")
+def db_group() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+@handle_errors
+def db_upgrade(obj: Ctx) -> None:
+    """Apply pending migrations."""
+    from engine.store import Store
+
+    store = Store(obj.config().database_url)
+    applied = store.migrate()
+    click.echo(f"schema at {store.current_revision()}" + (" (upgraded)" if applied else " (already current)"))
+
+
+@main.command()
+@click.option("--members", "count", default=3000, show_default=True, type=click.IntRange(10, 1_000_000))
+@click.option("--days", default=90, show_default=True, type=click.IntRange(1, 730))
+@click.option("--seed", default=7, show_default=True, help="random seed (the same seed gives the same demo)")
+@click.pass_obj
+@handle_errors
+def demo(obj: Ctx, count: int, days: int, seed: int) -> None:
+    """Build a demo database with generated members and run it through a simulated window."""
+    from engine.demo import run_demo
+
+    config = obj.config()
+    run_demo(config, members=count, days=days, seed=seed, echo=click.echo)
+
+
+def run() -> None:
+    main(prog_name="run.py")
+
+
+__all__ = ["main", "run", "timedelta"]
