@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from channels.base import Channel, OutgoingMessage, Outcome, SendResult
+from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from channels.local import ConsoleChannel, OutboxChannel
 
 if TYPE_CHECKING:
     from engine.config import Config
 
-__all__ = ["Channel", "OutgoingMessage", "Outcome", "SendResult", "build_channel"]
+__all__ = ["Channel", "Outcome", "OutgoingMessage", "SendResult", "build_channel"]
 
 
 def build_channel(channel: str, config: Config) -> Channel:

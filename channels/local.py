@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from channels.base import Channel, OutgoingMessage, Outcome, SendResult
+from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 
 
 class ConsoleChannel(Channel):

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from typing import Any, Union
+from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import Float, and_, case, false, func, not_, or_, true
 from sqlalchemy.sql.elements import ColumnElement
@@ -62,7 +62,7 @@ class SegmentRef:
     mark: Mark = UNKNOWN
 
 
-Condition = Union[Test, AllOf, AnyOf, NotOf, SegmentRef]
+Condition = Test | AllOf | AnyOf | NotOf | SegmentRef
 
 
 def _mark(container: Any, key: Any) -> Mark:
@@ -297,7 +297,7 @@ def _evaluate_test(test: Test, member: Mapping[str, Any], now: datetime, event: 
                 cutoff, upper = cutoff.date(), now.date()
             else:
                 upper = now
-            return actual < cutoff if op == "before" else cutoff <= actual <= upper
+            return bool(actual < cutoff) if op == "before" else bool(cutoff <= actual <= upper)
         return _compare(op, actual, expected)
     if test.attribute.kind is Kind.ANY:
         probe = expected[0] if op == "in" else expected
@@ -379,8 +379,8 @@ def _compare_sql(op: str, col: Any, expected: Any) -> ColumnElement[bool]:
     raise AssertionError(op)
 
 
-_SQLITE_TYPES = {"number": ("integer", "real"), "string": ("text",), "bool": ("true", "false")}
-_PG_TYPES = {"number": ("number",), "string": ("string",), "bool": ("boolean",)}
+_SQLITE_TYPES: dict[str, tuple[str, ...]] = {"number": ("integer", "real"), "string": ("text",), "bool": ("true", "false")}
+_PG_TYPES: dict[str, tuple[str, ...]] = {"number": ("number",), "string": ("string",), "bool": ("boolean",)}
 
 
 def _json_test_sql(key: str, op: str, expected: Any, dialect: str) -> ColumnElement[bool]:

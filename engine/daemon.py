@@ -32,7 +32,7 @@ class Daemon:
         now = datetime.now(UTC)
         try:
             report = self.app.tick(now, stop=self.stopping.is_set)
-        except Exception:  # noqa: BLE001 - one failed tick must not stop the daemon; the next one retries
+        except Exception:
             log.exception("tick at %s failed; the next tick will retry", now.isoformat(timespec="seconds"))
             return
         self.ticks += 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, false, func, literal, or_, select, true, update
+from sqlalchemy import Connection, bindparam, exists, false, func, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -56,7 +56,8 @@ def eligible(journey: Journey, history: History | None, now: datetime) -> bool:
     return history.last_entered <= now - rule
 
 
-def _histories(conn: Connection, journey_ids: Iterable[str], member_ids: Iterable[str]) -> dict[tuple[str, str], History]:
+def _histories(conn: Connection, journey_ids: Iterable[str],
+               member_ids: Iterable[str]) -> dict[tuple[str, str], History]:
     ids, journeys = list(set(member_ids)), list(set(journey_ids))
     if not ids or not journeys:
         return {}
@@ -266,7 +267,8 @@ class EntryPhase:
                 wanted.add((2, 29))
         month_day = func.extract("month", column) * 100 + func.extract("day", column)
         stmt = select(members.c.id, members.c.timezone, column.label("anniversary")).where(
-            members.c.forgotten_at.is_(None), column.is_not(None), month_day.in_(sorted(m * 100 + d for m, d in wanted)))
+            members.c.forgotten_at.is_(None), column.is_not(None),
+            month_day.in_(sorted(m * 100 + d for m, d in wanted)))
         new_rows: list[dict[str, Any]] = []
         for chunk in _chunks(conn.execute(stmt), 1000):
             histories = _histories(conn, [journey.id], [r.id for r in chunk])

@@ -6,6 +6,8 @@ Each class's docstring is its default message; the CLI prints the message
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class EngineError(Exception):
     """The engine could not complete the request."""
@@ -21,7 +23,7 @@ class ConfigError(EngineError):
 class RulesError(EngineError):
     """The rules under rules/ or templates/ are invalid."""
 
-    def __init__(self, problems: list[object], message: str | None = None) -> None:
+    def __init__(self, problems: Sequence[object], message: str | None = None) -> None:
         self.problems = problems
         super().__init__(message or f"{len(problems)} problem(s) in the rules; run `python run.py validate`")
 

@@ -45,7 +45,10 @@ def figures(conn: Connection, journey: str | None = None) -> list[JourneyFigures
     ).group_by(enrollments.c.journey_id).order_by(enrollments.c.journey_id)
     if journey:
         stmt = stmt.where(enrollments.c.journey_id == journey)
-    out = {row[0]: JourneyFigures(row[0], *(int(v or 0) for v in row[1:])) for row in conn.execute(stmt)}
+    out = {}
+    for row in conn.execute(stmt):
+        entered, active, completed, exited, converted = (int(v or 0) for v in row[1:])
+        out[row[0]] = JourneyFigures(row[0], entered, active, completed, exited, converted)
     steps = select(messages.c.journey, messages.c.step, messages.c.channel, messages.c.status, func.count()) \
         .group_by(messages.c.journey, messages.c.step, messages.c.channel, messages.c.status) \
         .order_by(messages.c.journey, func.min(messages.c.id))

@@ -22,7 +22,8 @@ def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str
     lines = [f"member {m['id']}" + ("  (personal data erased)" if m["forgotten_at"] else "")]
     for key in ("name", "email", "phone", "birthday", "timezone", "locale", "signup_at"):
         lines.append(f"  {key:<14} {_show(m[key])}")
-    lines.append(f"  {'opt-in':<14} email {'yes' if m['email_opt_in'] else 'no'}, sms {'yes' if m['sms_opt_in'] else 'no'}")
+    consent = f"email {'yes' if m['email_opt_in'] else 'no'}, sms {'yes' if m['sms_opt_in'] else 'no'}"
+    lines.append(f"  {'opt-in':<14} {consent}")
     lines.append(f"  {'tier':<14} {tier.name(locale, default_locale)} ({tier.id})")
     upcoming = loyalty.next_tier(tier.id)
     if upcoming is not None:

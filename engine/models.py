@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Table,
     String,
     Text,
     UniqueConstraint,
@@ -78,7 +79,7 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
 
 
 class Member(Base):
@@ -257,11 +258,11 @@ class Suppression(Base):
     __table_args__ = (UniqueConstraint("channel", "address"),)
 
 
-members = Member.__table__
-events = Event.__table__
-journey_versions = JourneyVersion.__table__
-journey_state = JourneyState.__table__
-enrollments = Enrollment.__table__
-messages = Message.__table__
-audit_head = AuditHead.__table__
-suppressions = Suppression.__table__
+members = cast(Table, Member.__table__)
+events = cast(Table, Event.__table__)
+journey_versions = cast(Table, JourneyVersion.__table__)
+journey_state = cast(Table, JourneyState.__table__)
+enrollments = cast(Table, Enrollment.__table__)
+messages = cast(Table, Message.__table__)
+audit_head = cast(Table, AuditHead.__table__)
+suppressions = cast(Table, Suppression.__table__)

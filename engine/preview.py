@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -28,13 +28,15 @@ def render_preview(app: App, journey_id: str, step_id: str, member_id: str, now:
     sends = [s for s in journey.steps if isinstance(s, SendStep)]
     step = next((s for s in sends if s.id == step_id), None)
     if step is None:
-        raise NotFound(f"journey {journey_id} has no send step {step_id!r}{did_you_mean(step_id, [s.id for s in sends])}")
+        hint = did_you_mean(step_id, [s.id for s in sends])
+        raise NotFound(f"journey {journey_id} has no send step {step_id!r}{hint}")
     with app.store.connect() as conn:
-        member = conn.execute(select(members).where(members.c.id == member_id)).mappings().first()
-        if member is None:
+        found_member = conn.execute(select(members).where(members.c.id == member_id)).mappings().first()
+        if found_member is None:
             raise NotFound(f"member {member_id!r} does not exist")
+        member = dict(found_member)
         trigger_event = getattr(journey.trigger, "event", None)
-        props = {}
+        props: dict[str, Any] = {}
         if trigger_event:
             found = conn.execute(select(events.c.properties).where(events.c.member_id == member_id,
                                                                    events.c.type == trigger_event)

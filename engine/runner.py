@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, select, update
 
-from channels.base import Channel, OutgoingMessage, Outcome, SendResult
+from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine import audit, queries
 from engine import unsubscribe as unsub
 from engine.conditions import evaluate
@@ -242,7 +242,7 @@ class Runner:
     def _send(self, channel: Channel, outgoing: list[OutgoingMessage]) -> list[SendResult]:
         try:
             results = channel.send_batch(outgoing)
-        except Exception as exc:  # noqa: BLE001 - a broken channel must not lose the log
+        except Exception as exc:
             log.exception("channel %s failed for a whole batch", channel.provider)
             return [SendResult(Outcome.PERMANENT, error=f"unknown: channel error {exc!r}") for _ in outgoing]
         if len(results) != len(outgoing):
@@ -297,7 +297,8 @@ class Runner:
                 rails = Rails(config)
                 rails.prepare(conn, [{"id": r["member_id"], "email": r["m_email"], "phone": r["m_phone"]}
                                      for r in rows], now)
-            ready, blocked = [], []
+            ready: list[tuple[dict[str, Any], Verdict | None]] = []
+            blocked: list[tuple[dict[str, Any], Verdict | None]] = []
             for row in rows:
                 verdict = self._recheck(row, rails)
                 (ready if verdict is None else blocked).append((row, verdict))

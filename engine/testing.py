@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from channels.base import Channel, OutgoingMessage, Outcome, SendResult
+from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine.app import App
 from engine.config import load_config
 from engine.ingest import ImportReport, import_members, record_events

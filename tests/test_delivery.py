@@ -1,0 +1,145 @@
+"""The delivery guarantee: at most once per (journey, enrollment, step), whatever crashes or fails."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from channels.base import Channel, Outcome, OutgoingMessage, SendResult
+from engine.app import App
+from engine.exceptions import AlreadyRunning
+from engine.testing import Harness, RecordingChannel
+
+LAPSED = [
+    {"id": f"w{i}", "name": f"Member {i}", "email": f"w{i}@example.com", "timezone": "Asia/Shanghai",
+     "locale": "en", "email_opt_in": True, "last_order_at": "2025-06-01T00:00:00Z", "total_spend": 800}
+    for i in range(12)
+]
+NOON = "2026-03-02T04:00:00Z"  # 12:00 in Shanghai
+
+
+class Crash(BaseException):
+    """Stands in for the process dying (kill -9, power loss) in the middle of a send."""
+
+
+class CrashingChannel(Channel):
+    """Hands the messages to the 'provider', then dies before the answer can be recorded."""
+
+    provider = "crashing"
+
+    def __init__(self) -> None:
+        self.handed_over: list[OutgoingMessage] = []
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        self.handed_over.extend(messages)
+        raise Crash()
+
+
+def test_a_crash_between_the_send_and_its_answer_leaves_unknown_and_never_resends(tmp_path: Path,
+                                                                                   db_url: str) -> None:
+    first = Harness(tmp_path, db_url)
+    first.members(*LAPSED[:3])
+    crashing = CrashingChannel()
+    first.app._channels["email"] = crashing
+    with pytest.raises(Crash):
+        first.tick(NOON)
+    assert len(crashing.handed_over) == 3
+    assert {r["status"] for r in first.log()} == {"sending"}
+    first.app.store.close()
+
+    # The daemon restarts (a new process, a new App) after the lease has run out.
+    restarted = Harness(tmp_path, db_url)
+    report = restarted.tick(first.at(NOON) + timedelta(minutes=10))
+    assert report.counts["unknown"] == 3
+    assert restarted.sent() == []  # nothing was sent a second time
+    rows = restarted.log()
+    assert [r["status"] for r in rows] == ["unknown"] * 3
+    assert "not re-sent" in rows[0]["error"]
+    restarted.tick(first.at(NOON) + timedelta(days=8))  # the journey went on: the SMS step has no phone
+    assert restarted.sent() == []
+    restarted.close()
+
+
+def test_transient_failures_are_retried_until_sent_exactly_once(harness: Harness) -> None:
+    harness.members(*LAPSED[:2])
+    harness.email.script = [SendResult(Outcome.TRANSIENT, error="429 Too Many Requests", retry_after=30),
+                            SendResult(Outcome.SENT, "p-ok")]
+    harness.tick(NOON)
+    queued = harness.log(status="queued")
+    assert len(queued) == 1 and queued[0]["reason"] == "retry"
+    assert len(harness.sent()) == 1
+    harness.tick(harness.at(NOON) + timedelta(seconds=10))  # too early for the retry
+    assert len(harness.sent()) == 1
+    harness.tick(harness.at(NOON) + timedelta(seconds=31))
+    assert sorted(m.member_id for m in harness.sent()) == ["w0", "w1"]
+    assert [r["status"] for r in harness.log()] == ["sent", "sent"]
+    assert max(r["attempts"] for r in harness.log()) == 2
+
+
+def test_permanent_failures_are_never_retried(harness: Harness) -> None:
+    harness.members(LAPSED[0])
+    harness.email.script = [SendResult(Outcome.PERMANENT, error="invalid recipient")]
+    harness.tick(NOON)
+    harness.tick(harness.at(NOON) + timedelta(hours=2))
+    row = harness.log()[0]
+    assert row["status"] == "failed" and row["error"] == "invalid recipient"
+    assert harness.email.calls == 1
+
+
+def test_a_channel_that_breaks_for_a_whole_batch_marks_it_unknown_and_the_tick_goes_on(harness: Harness) -> None:
+    class Broken(RecordingChannel):
+        def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+            raise ConnectionError("provider unreachable")
+
+    harness.app._channels["email"] = Broken()
+    harness.members(*LAPSED[:2])
+    report = harness.tick(NOON)
+    assert report.counts["unknown"] == 2
+    assert {r["status"] for r in harness.log()} == {"unknown"}
+
+
+def test_two_daemons_on_one_postgresql_database_never_send_twice(tmp_path: Path, pg_url: str) -> None:
+    (tmp_path / "a").mkdir()
+    setup = Harness(tmp_path / "a", pg_url)
+    setup.members(*LAPSED)
+    setup.close()
+    config = {"scheduler": {"batch_size": 2}}
+    daemons = []
+    for name in ("b", "c"):
+        (tmp_path / name).mkdir()
+        daemons.append(Harness(tmp_path / name, pg_url, config=config))
+    errors: list[BaseException] = []
+
+    def run(h: Harness) -> None:
+        try:
+            h.tick(NOON)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in daemons]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    sent = [m.member_id for h in daemons for m in h.sent()]
+    assert sorted(sent) == sorted(m["id"] for m in LAPSED)  # each member exactly once, across both daemons
+    assert len(daemons[0].enrollments()) == len(LAPSED)
+    for h in daemons:
+        h.close()
+
+
+def test_on_sqlite_a_second_engine_process_refuses_to_start(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'engine.db'}"
+    first = Harness(tmp_path, url)
+    first.app.store.acquire_process_lock("serve")
+    second = App(first.config)
+    with pytest.raises(AlreadyRunning, match="only one may run"):
+        second.store.acquire_process_lock("tick")
+    first.close()
+    second.store.acquire_process_lock("tick")  # free again once the first one stopped
+    second.close()
