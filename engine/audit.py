@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from engine.models import audit_head, messages
+from engine.models import UTCDateTime, audit_head, messages
+from engine.queries import BulkWriter
 
 GENESIS = "0" * 64
+MESSAGE_COLUMNS = tuple(c.name for c in messages.columns)
+_TIME_COLUMNS = frozenset(c.name for c in messages.columns if isinstance(c.type, UTCDateTime))
 CONTENT_FIELDS = ("recipient", "subject", "body", "html", "template", "locale", "variant")
 
 
@@ -55,14 +58,7 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
         return []
     seq, prev = _lock_head(conn, dialect)
     keys = [(r["journey"], r["enrollment_id"], r["step"]) for r in rows]
-    existing: set[tuple[str, int, str]] = set()
-    for start in range(0, len(keys), 500):
-        chunk = keys[start:start + 500]
-        found = conn.execute(
-            select(messages.c.journey, messages.c.enrollment_id, messages.c.step)
-            .where(tuple_(messages.c.journey, messages.c.enrollment_id, messages.c.step).in_(chunk))
-        ).all()
-        existing.update((j, int(e), s) for j, e, s in found)
+    existing = _existing_keys(conn, keys)
     inserted: list[dict[str, Any]] = []
     for row, key in zip(rows, keys, strict=True):
         if key in existing:
@@ -75,9 +71,30 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
         row["hash"] = prev = chain_hash(prev, row)
         inserted.append(row)
     if inserted:
-        conn.execute(messages.insert(), inserted)
+        writer = BulkWriter(dialect)
+        conn_rows = [tuple(writer.ts(r[c]) if c in _TIME_COLUMNS else r[c] for c in MESSAGE_COLUMNS)
+                     for r in inserted]
+        writer.insert(conn, "messages", MESSAGE_COLUMNS, conn_rows)
         conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_seq=seq, last_hash=prev))
     return inserted
+
+
+def _existing_keys(conn: Connection, keys: list[tuple[str, int, str]]) -> set[tuple[str, int, str]]:
+    """Which at-most-once keys are already logged (only after a crash mid-batch are there any)."""
+    by_journey: dict[str, set[int]] = {}
+    for journey, enrollment_id, _ in keys:
+        by_journey.setdefault(journey, set()).add(enrollment_id)
+    existing: set[tuple[str, int, str]] = set()
+    for journey, ids in by_journey.items():
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), 900):
+            # (journey, enrollment_id) is the prefix of the uq_messages_once index: an index range per id.
+            found = conn.execute(
+                select(messages.c.enrollment_id, messages.c.step)
+                .where(messages.c.journey == journey, messages.c.enrollment_id.in_(ordered[start:start + 900]))
+            ).all()
+            existing.update((journey, int(e), s) for e, s in found)
+    return existing
 
 
 @dataclass(frozen=True)

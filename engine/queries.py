@@ -8,7 +8,7 @@ and set the owner and lease expiry in the same statement.
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, or_, select, update
 
@@ -74,3 +74,37 @@ def reap_unknown(conn: Connection, now: datetime) -> int:
 def release_enrollment_claims(conn: Connection, worker: str) -> None:
     conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
                  .values(claimed_by=None, claimed_until=None))
+
+
+# --------------------------------------------------------------------------- bulk writes on the send path
+#
+# The three writes per message (log row, enrollment move, channel answer) dominate a large send. They go
+# straight to the DBAPI's executemany with values already in the database's form, skipping SQLAlchemy's
+# per-row parameter processing; everything else uses Core.
+
+
+class BulkWriter:
+    def __init__(self, dialect: str) -> None:
+        self.sqlite = dialect == "sqlite"
+        self.mark = "?" if self.sqlite else "%s"
+
+    def ts(self, value: datetime | None) -> object:
+        """An aware datetime as the UTCDateTime column stores it (naive UTC; text on SQLite)."""
+        if value is None:
+            return None
+        naive = value.astimezone(UTC).replace(tzinfo=None)
+        return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
+
+    def _sql(self, template: str, names: tuple[str, ...]) -> str:
+        return template.format(columns=", ".join(names), marks=", ".join([self.mark] * len(names)),
+                               sets=", ".join(f"{n} = {self.mark}" for n in names), m=self.mark)
+
+    def insert(self, conn: Connection, table: str, names: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+        if rows:
+            conn.exec_driver_sql(self._sql(f"INSERT INTO {table} ({{columns}}) VALUES ({{marks}})", names), rows)
+
+    def update_by_id(self, conn: Connection, table: str, names: tuple[str, ...],
+                     rows: list[tuple[object, ...]]) -> None:
+        """ROWS are (values for NAMES..., id)."""
+        if rows:
+            conn.exec_driver_sql(self._sql(f"UPDATE {table} SET {{sets}} WHERE id = {{m}}", names), rows)

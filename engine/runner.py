@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, select
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine import audit, queries
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_STEPS_PER_RUN = 100  # validation rejects loops without a wait; this is the belt to those braces
 MAX_ATTEMPTS = 5
+_TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "claimed_by", "claimed_until")
+_RESULT_COLUMNS = ("status", "provider_id", "error", "attempts", "sent_at", "next_attempt_at", "reason", "claimed_by",
+                   "claimed_until", "updated_at")
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Runner:
         self.app = app
         self.worker = worker
         self.cache: VersionCache = app.versions
+        self._links: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ enrollments
 
@@ -185,8 +189,7 @@ class Runner:
         }
         if verdict.status is MessageStatus.SUPPRESSED:
             return row
-        link = unsub.url(self.app.config.web.public_url,
-                         unsub.make_token(self.app.secret, member["id"], step.channel))
+        link = self._unsubscribe_link(member["id"], step.channel)
         context = contexts.build(member, now, {"id": live.id, "name": live.journey.name, "version": live.version},
                                  event, link)
         try:
@@ -202,15 +205,21 @@ class Runner:
                        claimed_until=now + timedelta(seconds=self.app.config.scheduler.lease_seconds))
         return row
 
+    def _unsubscribe_link(self, member_id: str, channel: str) -> str:
+        key = (member_id, channel)
+        link = self._links.get(key)
+        if link is None:
+            if len(self._links) > 50_000:
+                self._links.clear()
+            token = unsub.make_token(self.app.secret, member_id, channel)
+            link = self._links[key] = unsub.url(self.app.config.web.public_url, token)
+        return link
+
     def _save_transitions(self, conn: Connection, transitions: Sequence[Transition]) -> None:
-        if not transitions:
-            return
-        stmt = (update(enrollments).where(enrollments.c.id == bindparam("_id"))
-                .values(step=bindparam("_step"), status=bindparam("_status"), next_run_at=bindparam("_next"),
-                        ended_at=bindparam("_ended"), exit_reason=bindparam("_reason"), claimed_by=None,
-                        claimed_until=None))
-        conn.execute(stmt, [{"_id": t.enrollment_id, "_step": t.step, "_status": t.status, "_next": t.next_run_at,
-                             "_ended": t.ended_at, "_reason": t.exit_reason} for t in transitions])
+        w = queries.BulkWriter(self.app.store.dialect)
+        w.update_by_id(conn, "enrollments", _TRANSITION_COLUMNS, [
+            (t.step, t.status, w.ts(t.next_run_at), w.ts(t.ended_at), t.exit_reason, None, None, t.enrollment_id)
+            for t in transitions])
 
     # ------------------------------------------------------------------ delivery
 
@@ -232,9 +241,7 @@ class Runner:
     def _outgoing(self, row: Mapping[str, Any]) -> OutgoingMessage:
         headers: dict[str, str] = {}
         if row["channel"] == "email":
-            link = unsub.url(self.app.config.web.public_url,
-                             unsub.make_token(self.app.secret, row["member_id"], "email"))
-            headers = unsub.headers(link)
+            headers = unsub.headers(self._unsubscribe_link(row["member_id"], "email"))
         return OutgoingMessage(id=row["id"], channel=row["channel"], recipient=row["recipient"], text=row["body"],
                                member_id=row["member_id"], journey=row["journey"], step=row["step"],
                                subject=row.get("subject"), html=row.get("html"), headers=headers)
@@ -271,12 +278,11 @@ class Runner:
         return update_row
 
     def _save_results(self, conn: Connection, updates: list[dict[str, Any]], now: datetime) -> None:
-        stmt = (update(messages).where(messages.c.id == bindparam("_id"))
-                .values(status=bindparam("_status"), provider_id=bindparam("_provider"), error=bindparam("_error"),
-                        attempts=bindparam("_attempts"), sent_at=bindparam("_sent"),
-                        next_attempt_at=bindparam("_next"), reason=bindparam("_reason"), claimed_by=None,
-                        claimed_until=None, updated_at=now))
-        conn.execute(stmt, updates)
+        w = queries.BulkWriter(self.app.store.dialect)
+        stamp = w.ts(now)
+        w.update_by_id(conn, "messages", _RESULT_COLUMNS, [
+            (u["_status"], u["_provider"], u["_error"], u["_attempts"], w.ts(u["_sent"]), w.ts(u["_next"]),
+             u["_reason"], None, None, stamp, u["_id"]) for u in updates])
 
     # ------------------------------------------------------------------ queued messages (deferred, retries)
 

@@ -9,8 +9,10 @@ its language (``en-US`` → ``en``) and then to ``default_locale``.
 from __future__ import annotations
 
 import html as htmllib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,13 @@ from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from engine.exceptions import TemplateRenderError
-from engine.problems import Problem
+from engine.problems import Problem, did_you_mean
 
 SUFFIX = ".j2"
 PARTS = {"email": ("subject", "text", "html"), "sms": ("text",)}
 REQUIRED = {"email": ("subject", "text"), "sms": ("text",)}
-CONTEXT_NAMES = frozenset({"member", "tier", "next_tier", "event", "journey", "step", "now", "unsubscribe_url"})
+# Exactly what engine.context.ContextBuilder.build provides; anything else fails at send time.
+CONTEXT_NAMES = frozenset({"member", "tier", "next_tier", "event", "journey", "now", "unsubscribe_url"})
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,13 @@ class Rendered:
     html: str | None = None
 
 
-def _babel_locale(locale: str) -> str:
+@lru_cache(maxsize=256)
+def _babel_locale(locale: str) -> Locale:
+    """Babel's locale lookup scans its data directory: parse each locale once per process."""
     try:
-        return str(Locale.parse(locale.replace("-", "_")))
+        return Locale.parse(locale.replace("-", "_"))
     except (UnknownLocaleError, ValueError):
-        return "en"
+        return Locale.parse("en")
 
 
 class Templates:
@@ -67,10 +72,12 @@ class Templates:
                                 discount=self._discount, number=self._number)
         self._compiled: dict[str, jinja2.Template] = {}
         self._resolved: dict[tuple[str, str], str | None] = {}
+        self._exists: dict[str, bool] = {}
 
     def refresh(self) -> None:
         self._compiled.clear()
         self._resolved.clear()
+        self._exists.clear()
 
     # ----------------------------------------------------------------- lookup
 
@@ -83,7 +90,11 @@ class Templates:
         return f"{locale}/{name}.{part}{SUFFIX}"
 
     def _has(self, locale: str, name: str, part: str) -> bool:
-        return (self.root / self._path(locale, name, part)).is_file()
+        path = self._path(locale, name, part)
+        found = self._exists.get(path)
+        if found is None:
+            found = self._exists[path] = (self.root / path).is_file()
+        return found
 
     def resolve_locale(self, locale: str | None, name: str) -> str | None:
         """The locale whose version of NAME a member with LOCALE gets, or None if none exists."""
@@ -180,7 +191,8 @@ class Templates:
         locales = [loc for loc in self.locales() if self._has(loc, name, "text") or self._has(loc, name, "subject")]
         if not locales:
             return [f"template {name!r} not found: expected {self.root.name}/{self.default_locale}/{name}.text{SUFFIX}"
-                    + (f" and .subject{SUFFIX}" if channel == "email" else "")]
+                    + (f" and .subject{SUFFIX}" if channel == "email" else "")
+                    + did_you_mean(name, self._names())]
         if self.default_locale not in locales:
             messages.append(f"template {name!r} has no {self.default_locale} version (the default locale); "
                             f"add {self.root.name}/{self.default_locale}/{name}.text{SUFFIX}")
@@ -191,6 +203,16 @@ class Templates:
                                     f"{self.root.name}/{locale}/{name}.{part}{SUFFIX}")
         return messages
 
+    def _names(self) -> set[str]:
+        """Every template name that has a file in some locale, e.g. welcome/welcome_email."""
+        names = set()
+        for locale in self.locales():
+            for path in (self.root / locale).rglob(f"*{SUFFIX}"):
+                stem, _, part = path.relative_to(self.root / locale).as_posix()[: -len(SUFFIX)].rpartition(".")
+                if stem and part in PARTS["email"]:
+                    names.add(stem)
+        return names
+
     def syntax_problems(self) -> list[Problem]:
         """Every template file that does not compile or uses a variable the engine never provides."""
         problems: list[Problem] = []
@@ -199,19 +221,44 @@ class Templates:
         for path in sorted(self.root.rglob(f"*{SUFFIX}")):
             rel = path.relative_to(self.root).as_posix()
             shown = str(path)
-            source = path.read_text(encoding="utf-8")
+            part = rel[: -len(SUFFIX)].rpartition(".")[2]
+            if part not in PARTS["email"] or "/" not in rel:
+                problems.append(Problem(shown, 1, 1, "template files are named templates/<locale>/<name>.subject.j2, "
+                                        ".text.j2 or .html.j2; rename this file so the engine can find it"))
+                continue
+            try:
+                source = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                problems.append(Problem(shown, 1, 1, "file is not UTF-8 text; save it as UTF-8"))
+                continue
             try:
                 ast = self.env.parse(source, rel, rel)
                 self.env.compile(source, rel, rel)
             except jinja2.TemplateSyntaxError as exc:
-                problems.append(Problem(shown, exc.lineno or 1, 1, f"template syntax error: {exc.message}"))
+                problems.append(Problem(shown, exc.lineno or 1, 1, f"template syntax error: {self._explain(exc)}"))
                 continue
-            unknown = sorted(meta.find_undeclared_variables(ast) - CONTEXT_NAMES)
-            for var in unknown:
-                line = next((i for i, text in enumerate(source.splitlines(), 1) if var in text), 1)
-                problems.append(Problem(shown, line, 1, f"unknown variable {var!r}; templates can use "
-                                        f"{', '.join(sorted(CONTEXT_NAMES))}"))
+            for var in sorted(meta.find_undeclared_variables(ast) - CONTEXT_NAMES):
+                line, col = _find_name(source, var)
+                hint = did_you_mean(var, CONTEXT_NAMES, list_choices=False)
+                problems.append(Problem(shown, line, col, f"unknown variable {var!r}{hint or ';'} "
+                                        f"{'T' if hint else 't'}emplates can use: {', '.join(sorted(CONTEXT_NAMES))}"))
         return problems
+
+    def _explain(self, exc: jinja2.TemplateSyntaxError) -> str:
+        match = re.match(r"No filter named '([^']+)'", exc.message or "")
+        if match:
+            return f"unknown filter {match.group(1)!r}{did_you_mean(match.group(1), self.env.filters)}"
+        return str(exc.message)
+
+
+def _find_name(source: str, name: str) -> tuple[int, int]:
+    """Line and column of the first use of variable NAME (a whole word, not part of a longer name)."""
+    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\b")
+    for number, text in enumerate(source.splitlines(), 1):
+        match = pattern.search(text)
+        if match:
+            return number, match.start() + 1
+    return 1, 1
 
 
 def _zone(ctx: Any) -> ZoneInfo:
