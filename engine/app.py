@@ -21,6 +21,7 @@ from engine import queries
 from engine.config import Config
 from engine.entry import EntryPhase
 from engine.exceptions import RulesError
+from engine.loyalty import Loyalty
 from engine.report import TickReport
 from engine.rulebook import Rulebook, journey_files, load_rulebook
 from engine.runner import Runner
@@ -83,6 +84,15 @@ class App:
         if book.problems:
             raise RulesError(book.problems)
         return book
+
+    def loyalty(self) -> Loyalty:
+        """The loyalty programme; imports and events need it valid, but not every journey."""
+        book = self.rules()
+        path = str(self.config.rules_path / "loyalty.yaml")
+        problems = [p for p in book.problems if p.file == path]
+        if problems:
+            raise RulesError(problems, f"{path} has problems; fix them before recording members or events")
+        return book.loyalty
 
     def live_journeys(self, now: datetime) -> dict[str, LiveJourney]:
         book = self.rules()

@@ -167,8 +167,7 @@ def import_members_cmd(obj: Ctx, file: Path) -> None:
     from engine.ingest import import_members
 
     app = obj.app()
-    book = app.require_valid_rules()
-    report = import_members(app.store, file, book.loyalty, app.config.default_region, datetime.now(UTC))
+    report = import_members(app.store, file, app.loyalty(), app.config.default_region, datetime.now(UTC))
     _print_import(file, "members", report)
 
 
@@ -181,8 +180,7 @@ def import_events_cmd(obj: Ctx, file: Path) -> None:
     from engine.ingest import import_events
 
     app = obj.app()
-    book = app.require_valid_rules()
-    report = import_events(app.store, file, book.loyalty, datetime.now(UTC))
+    report = import_events(app.store, file, app.loyalty(), datetime.now(UTC))
     _print_import(file, "events", report)
 
 
@@ -208,9 +206,9 @@ def event(obj: Ctx, member_id: str, event_type: str, props: tuple[str, ...], at:
         properties[match.group(1)] = _attribute_value(match.group(2))
     when = instant(at, "--at") or datetime.now(UTC)
     app = obj.app()
-    book = app.require_valid_rules()
+    loyalty = app.loyalty()
     row = {"member_id": member_id, "type": event_type, "at": when.isoformat(), "properties": properties}
-    report = record_events(app.store, [(1, row, None)], book.loyalty, datetime.now(UTC), "cli")
+    report = record_events(app.store, [(1, row, None)], loyalty, datetime.now(UTC), "cli")
     if report.skipped:
         raise InputError(report.skipped[0][1])
     extra = f"; it also raised the member's tier ({report.triggered} tier_changed event)" if report.triggered else ""

@@ -118,6 +118,11 @@ def _parse_entry(
             return None
         return SegmentRef(item, mark)
     attribute = attrs.resolve(key, allow_event=allow_event)
+    if attribute is None and key.startswith("event.") and not allow_event:
+        container = where[: -len(key) - 1] or "this condition"
+        problems.add(key_mark, f"{key!r} is a property of the triggering event, which {container} cannot use; "
+                               "event.NAME works only in an event trigger's where:, exit_when.where and goal.where")
+        return None
     if attribute is None:
         choices = [*attrs.BUILTIN, *_COMBINATORS]
         hint = did_you_mean(key, choices)
@@ -186,8 +191,9 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
         return Test(attribute, op, value)
     if op in ("before", "within"):
         if not attribute.is_time:
-            problems.add(mark, f"{op!r} only applies to dates and times (birthday, signup_at, last_order_at), "
-                               f"not to {name}")
+            problems.add(mark, f"{where}: {op!r} only applies to dates and times (birthday, signup_at, "
+                               f"last_order_at), not to {name}; compare numbers and text with eq, ne, in, gt, gte, "
+                               "lt or lte")
             return None
         try:
             return Test(attribute, op, parse_duration(value))
@@ -205,7 +211,7 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
         return Test(attribute, op, parsed)
     if op == "in":
         if not isinstance(value, list) or not value or not all(_scalar_ok(attribute, v) for v in value):
-            bad(f"a non-empty list of {kind.value if kind is not Kind.ANY else 'plain'} values")
+            bad(f"a non-empty list of {_KIND_WORDS[kind]} such as [a, b]")
             return None
         kinds = {_value_kind(v) for v in value}
         if len(kinds) > 1:
@@ -213,12 +219,20 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
             return None
         return Test(attribute, op, tuple(value))
     if not _scalar_ok(attribute, value):
-        bad(f"a {kind.value} value" if kind is not Kind.ANY else "a plain value (text, number, true/false)")
+        bad(_KIND_VALUE[kind])
         return None
     if op in _ORDERED and (_value_kind(value) != "number"):
         bad("a number (gt/gte/lt/lte compare numbers and dates only)")
         return None
     return Test(attribute, op, value)
+
+
+# How a marketer reads each kind: "must be true or false", not "must be a bool value".
+_KIND_VALUE = {Kind.STRING: "text (quote it if it looks like a number or true/false)", Kind.NUMBER: "a number",
+               Kind.BOOL: "true or false (yes/no/on/off are not accepted)",
+               Kind.ANY: "a plain value (text, number, true/false)"}
+_KIND_WORDS = {Kind.STRING: "texts", Kind.NUMBER: "numbers", Kind.BOOL: "true/false values",
+               Kind.ANY: "plain values"}
 
 
 def _value_kind(value: Any) -> str:

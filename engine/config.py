@@ -36,6 +36,15 @@ class SchedulerConfig(_Strict):
     interval: int = Field(60, gt=0, description="seconds between ticks")
     batch_size: int = Field(500, gt=0, le=10_000)
     lease_seconds: int = Field(300, gt=0)
+    # Events older than this when a tick first sees them (an import of history) never start a journey;
+    # they still count for exits and goals.
+    trigger_window: str = "2d"
+
+    @field_validator("trigger_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        parse_duration(value)
+        return value
 
 
 class ChannelConfig(_Strict):

@@ -20,6 +20,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from engine import queries
 from engine.conditions import evaluate, to_sql
+from engine.durations import parse_duration
 from engine.journey import DateTrigger, EventTrigger, Journey, SegmentTrigger
 from engine.models import EnrollmentStatus, UTCDateTime, enrollments, events, journey_state, members
 from engine.report import TickReport
@@ -115,6 +116,7 @@ class EntryPhase:
             .where(enrollments.c.member_id.in_(member_ids),
                    or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings()]
         triggered = [j for j in running if isinstance(j.journey.trigger, EventTrigger)]
+        oldest = now - parse_duration(self.app.config.scheduler.trigger_window)
         histories = _histories(conn, [j.id for j in triggered], member_ids)
         exits: dict[int, str] = {}
         conversions: dict[int, datetime] = {}
@@ -131,6 +133,9 @@ class EntryPhase:
                 if version is None:
                     continue
                 self._goal_and_exit(version, row, event, member, props, now, exits, conversions)
+            if event["occurred_at"] < oldest:
+                report.add("stale")
+                continue
             for live in triggered:
                 trigger = live.journey.trigger
                 assert isinstance(trigger, EventTrigger)

@@ -218,7 +218,8 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
             return None
     journey_id = data.get("journey")
     if not isinstance(journey_id, str) or not JOURNEY_ID.match(journey_id):
-        ctx.add(vmark(data, "journey"), f"journey id must use only a-z, 0-9 and _, got: {journey_id!r}")
+        ctx.add(vmark(data, "journey"), f"journey id must use only a-z, 0-9 and _, got: {journey_id!r}"
+                f"{_id_suggestion(journey_id)}")
     name = data.get("name", journey_id)
     if not isinstance(name, str):
         ctx.add(vmark(data, "name"), f"name must be text, got: {name!r}")
@@ -230,6 +231,7 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
     exit_rule = _exit(ctx, data["exit_when"]) if "exit_when" in data else None
     goal = _goal(ctx, data["goal"]) if "goal" in data else None
     steps = _steps(ctx, data.get("steps"), vmark(data, "steps")) if "steps" in data else []
+    _check_targets(ctx, data.get("steps"))
     if len(problems.items) > before or trigger is None:
         return None
     journey = Journey(
@@ -239,6 +241,13 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
     )
     _check_graph(ctx, journey, data.get("steps"))
     return None if len(problems.items) > before else journey
+
+
+def _id_suggestion(value: Any) -> str:
+    if not isinstance(value, str):
+        return ""
+    fixed = re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
+    return f"; for example {fixed!r}" if fixed else ""
 
 
 def _plain(value: Any) -> Any:
@@ -252,8 +261,12 @@ def _plain(value: Any) -> Any:
 def _trigger(ctx: _Ctx, data: Any, mark: Mark) -> Trigger | None:
     kinds = [k for k in ("event", "segment", "date") if isinstance(data, dict) and k in data]
     if not isinstance(data, dict) or len(kinds) != 1:
-        ctx.add(mark, "trigger must have exactly one of event:, segment: or date:"
-                + (f" (found {', '.join(kinds)})" if len(kinds) > 1 else ""))
+        if len(kinds) > 1:
+            ctx.add(kmark(data, sorted(kinds, key=lambda k: kmark(data, k).line)[1]),
+                    f"trigger must have exactly one of event:, segment: or date: (found {', '.join(kinds)}); "
+                    "keep one, and make a second journey for the other way in")
+        else:
+            ctx.add(mark, "trigger must have exactly one of event:, segment: or date:")
         if isinstance(data, dict):
             ctx.keys(data, "trigger", ("event", "where", "segment", "date", "offset", "at"))
         return None
@@ -307,11 +320,11 @@ def _entry(ctx: _Ctx, data: Any) -> Entry:
     value = data.get("reentry", "never")
     if value in ("never", "always"):
         return Entry(value)
-    if isinstance(value, bool):
+    try:
+        return Entry(parse_duration(value))
+    except ValueError:
         ctx.add(vmark(data, "reentry"), f"entry.reentry must be never, always or a cooldown such as 180d, got: {value!r}")
         return Entry()
-    duration = ctx.duration(data, "reentry", "entry")
-    return Entry(duration) if duration else Entry()
 
 
 def _exit(ctx: _Ctx, data: Any) -> ExitRule | None:
@@ -371,7 +384,8 @@ def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
             found = f" (found {', '.join(kinds)})" if kinds else ""
             unknown = [k for k in raw if k not in {k for v in _STEP_KEYS.values() for k in v}]
             hint = "".join(f"; unknown key {k!r}{did_you_mean(k, _STEP_KINDS)}" for k in unknown)
-            ctx.add(item_mark, f"{where} must have exactly one of send:, wait:, if:, end:{found}{hint}")
+            at = kmark(raw, unknown[0]) if unknown and not kinds else item_mark
+            ctx.add(at, f"{where} must have exactly one of send:, wait:, if:, end:{found}{hint}")
             continue
         kind = kinds[0]
         if not ctx.keys(raw, where, _STEP_KEYS[kind]):
@@ -397,11 +411,14 @@ def _step(ctx: _Ctx, kind: str, step_id: str, raw: Any, where: str) -> Step | No
     if kind == "send":
         channel = raw.get("send")
         if channel not in CHANNELS:
-            ctx.add(vmark(raw, "send"), f"{where}.send must be email or sms, got: {channel!r}")
+            hint = "; one channel per step (use fallback: for the other)" if isinstance(channel, list) else ""
+            ctx.add(vmark(raw, "send"), f"{where}.send must be email or sms, got: {channel!r}{hint}")
+            return None
+        if "template" not in raw:
+            ctx.add(vmark(raw, "send"), f"{where} needs template: naming the message to send, "
+                    "e.g. template: welcome/welcome_email (a file under templates/<locale>/)")
             return None
         template = ctx.text(raw, "template", where)
-        if "template" not in raw:
-            return None
         fallback = raw.get("fallback")
         if fallback is not None and (fallback not in CHANNELS or fallback == channel):
             ctx.add(vmark(raw, "fallback"), f"{where}.fallback must be the other channel, got: {fallback!r}")
@@ -432,20 +449,36 @@ def _step(ctx: _Ctx, kind: str, step_id: str, raw: Any, where: str) -> Step | No
     return EndStep(step_id)
 
 
+def _raw_step_ids(raw_steps: list[Any]) -> list[str]:
+    """Step ids as written (or defaulted), so jumps can be checked even when a step is otherwise wrong."""
+    ids = []
+    for index, raw in enumerate(raw_steps):
+        kinds = [k for k in _STEP_KINDS if isinstance(raw, dict) and k in raw]
+        if len(kinds) == 1:
+            step_id = raw.get("id", f"{kinds[0]}_{index + 1}")
+            if isinstance(step_id, str):
+                ids.append(step_id)
+    return ids
+
+
+def _check_targets(ctx: _Ctx, raw_steps: Any) -> None:
+    if not isinstance(raw_steps, list):
+        return
+    ids = _raw_step_ids(raw_steps)
+    for index, raw in enumerate(raw_steps):
+        if not isinstance(raw, dict) or "if" not in raw:
+            continue
+        for key in ("then", "else"):
+            target = raw.get(key)
+            if isinstance(target, str) and target != END and target not in ids:
+                ctx.add(vmark(raw, key), f"steps[{index}].{key} names step {target!r}, which does not exist"
+                        f"{did_you_mean(target, [*ids, END])}")
+
+
 def _check_graph(ctx: _Ctx, journey: Journey, raw_steps: Any) -> None:
     marks = {}
-    for index, raw in enumerate(raw_steps or []):
-        step_id = raw.get("id") if isinstance(raw, dict) else None
+    for index in range(len(raw_steps or [])):
         marks[index] = raw_steps.item_mark(index) if hasattr(raw_steps, "item_mark") else UNKNOWN
-        if isinstance(raw, dict):
-            for key in ("then", "else"):
-                target = raw.get(key)
-                if isinstance(target, str) and target != END and not journey.has_step(target):
-                    ctx.add(vmark(raw, key), f"steps[{index}].{key} names step {target!r}, which does not exist"
-                            f"{did_you_mean(target, [s.id for s in journey.steps] + [END])}")
-        del step_id
-    if ctx.problems:
-        return
     reachable: set[str] = set()
     todo = [journey.first_step] if journey.first_step else []
     while todo:
@@ -457,7 +490,7 @@ def _check_graph(ctx: _Ctx, journey: Journey, raw_steps: Any) -> None:
     for index, step in enumerate(journey.steps):
         if step.id not in reachable:
             ctx.add(marks.get(index, UNKNOWN), f"step {step.id!r} can never be reached: no step leads to it "
-                    "(an earlier step ends the journey or jumps past it)")
+                    "(an earlier step ends the journey or jumps past it); delete it, or point a then:/else: at it")
     _check_loops(ctx, journey, marks)
 
 

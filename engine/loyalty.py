@@ -94,7 +94,7 @@ def parse_loyalty(data: Any, problems: Problems) -> Loyalty | None:
         tier = _tier(raw, index, raw_tiers, problems)
         if tier is not None:
             tiers.append(tier)
-    if len(problems.items) == before:
+    if len(tiers) == len(raw_tiers):  # order is checked whenever every tier itself is readable
         _check_order(tiers, raw_tiers, problems)
     points = 1.0
     raw_points = data.get("points", {})
@@ -163,7 +163,7 @@ def _check_order(tiers: list[Tier], raw_tiers: Any, problems: Problems) -> None:
     for index, tier in enumerate(tiers):
         raw = raw_tiers[index]
         if tier.id in seen:
-            problems.add(_vmark(raw, "id"), f"tier id {tier.id!r} is used twice")
+            problems.add(_vmark(raw, "id"), f"tier id {tier.id!r} is used twice; give each tier its own id")
         seen.add(tier.id)
         if index == 0 and tier.min_spend != 0:
             problems.add(_vmark(raw, "min_spend"), "the first (lowest) tier must have min_spend: 0 so every member has a tier")

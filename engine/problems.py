@@ -34,11 +34,11 @@ class Problems:
         return bool(self.items)
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str], *, list_choices: bool = True) -> str:
     choices = list(choices)
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {close[0]!r}?"
-    if choices and len(choices) <= 12:
+    if list_choices and choices and len(choices) <= 12:
         return f"; expected one of: {', '.join(sorted(choices))}"
     return ""

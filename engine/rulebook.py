@@ -7,6 +7,7 @@ keep running the last good version of a broken journey.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from typing import Any
 from engine import conditions as cond
 from engine import loyalty as loyalty_mod
 from engine.conditions import Condition
-from engine.journey import IfStep, Journey, SendStep, parse_journey
+from engine.journey import CHANNELS, IfStep, Journey, parse_journey
 from engine.loyalty import Loyalty
 from engine.problems import Problem, Problems, did_you_mean
 from engine.templates import Templates
@@ -88,7 +89,9 @@ def _parse_segments(path: Path, problems: Problems) -> dict[str, Segment]:
         for key in bad:
             problems.add(raw.key_mark(key), f"unknown key {key!r} in segment {name!r}{did_you_mean(key, SEGMENT_KEYS)}")
         if "condition" not in raw:
-            problems.add(mark, f"segment {name!r} is missing condition:")
+            if not difflib.get_close_matches("condition", [str(k) for k in bad], n=1, cutoff=0.6):
+                problems.add(mark, f"segment {name!r} has no condition:; add one under it, "
+                                   "e.g. condition: {tier: {in: [gold, diamond]}}")
             continue
         condition = cond.parse(raw["condition"], raw.value_mark("condition"), problems, f"segments.{name}.condition")
         if condition is not None and not bad:
@@ -105,13 +108,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _segment_cycles(segments: dict[str, Segment], problems: Problems) -> None:
+def _declared_segments(path: Path) -> set[str]:
+    """Segment names written in segments.yaml, including ones that failed to load."""
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (YamlSyntaxError, UnicodeDecodeError):
+        return set()
+    raw = data.get("segments") if isinstance(data, dict) else None
+    return {str(name) for name in raw} if isinstance(raw, dict) else set()
+
+
+def _unknown_segment(name: str, segments: dict[str, Segment], declared: set[str]) -> str:
+    if name in declared:
+        return f"segment {name!r} has problems of its own in rules/segments.yaml; fix those first"
+    return (f"unknown segment {name!r}{did_you_mean(name, declared | set(segments))}"
+            " (segments are defined in rules/segments.yaml)")
+
+
+def _segment_cycles(segments: dict[str, Segment], problems: Problems, declared: set[str]) -> None:
     graph = {name: [r.name for r in cond.segment_refs(s.condition)] for name, s in segments.items()}
     for name, segment in segments.items():
         for ref in cond.segment_refs(segment.condition):
             if ref.name not in segments:
-                problems.add(ref.mark, f"segment {name!r} refers to unknown segment {ref.name!r}"
-                             f"{did_you_mean(ref.name, segments)}")
+                problems.add(ref.mark, f"in segment {name!r}: {_unknown_segment(ref.name, segments, declared)}")
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -119,7 +138,8 @@ def _segment_cycles(segments: dict[str, Segment], problems: Problems) -> None:
         for nxt in graph.get(node, []):
             if state.get(nxt) == 1:
                 cycle = " → ".join([*path[path.index(nxt):], nxt]) if nxt in path else f"{node} → {nxt}"
-                problems.add(segments[nxt].mark, f"segments refer to each other in a cycle: {cycle}")
+                problems.add(segments[nxt].mark, f"segments refer to each other in a cycle: {cycle}; "
+                             "a segment cannot contain itself, remove one of these segment: references")
             elif nxt in graph and state.get(nxt) is None:
                 visit(nxt, [*path, nxt])
         state[node] = 2
@@ -190,34 +210,47 @@ def stored_segments(definition: dict[str, Any]) -> dict[str, Condition]:
     return out
 
 
-def _check_journey_refs(journey: Journey, segments: dict[str, Segment], templates: Templates | None,
-                        data: Any, problems: Problems) -> None:
-    for condition in journey_conditions(journey):
-        for ref in cond.segment_refs(condition):
-            if ref.name not in segments:
-                problems.add(ref.mark, f"unknown segment {ref.name!r}{did_you_mean(ref.name, segments)}"
-                             " (segments are defined in rules/segments.yaml)")
+def _raw_segment_refs(value: Any) -> list[tuple[str, Mark]]:
+    """Every `segment: NAME` in a condition as written, whether or not the rest of it parsed."""
+    found: list[tuple[str, Mark]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "segment" and isinstance(item, str):
+                found.append((item, value.value_mark(key) if isinstance(value, YMap) else UNKNOWN))
+            else:
+                found.extend(_raw_segment_refs(item))
+    elif isinstance(value, list):
+        for item in value:
+            found.extend(_raw_segment_refs(item))
+    return found
+
+
+def _check_journey_refs(data: Any, segments: dict[str, Segment], declared: set[str], templates: Templates | None,
+                        problems: Problems) -> None:
+    """Segments and templates a journey names; checked from the file as written, so that they are
+    reported together with any other mistake in the same journey."""
+    if not isinstance(data, dict):
+        return
+    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    places = [data.get("trigger"), data.get("exit_when"), data.get("goal"),
+              *(raw.get("if") for raw in raw_steps if isinstance(raw, dict))]
+    for name, mark in _raw_segment_refs(places):
+        if name not in segments:
+            problems.add(mark, _unknown_segment(name, segments, declared))
     if templates is None:
         return
-    raw_steps = data.get("steps") if isinstance(data, dict) else None
-    for index, step in enumerate(journey.steps):
-        if not isinstance(step, SendStep):
+    for raw in raw_steps:
+        if not isinstance(raw, dict) or raw.get("send") not in CHANNELS:
             continue
-        raw = _raw_step(raw_steps, step.id)
+        template, channel, fallback = raw.get("template"), raw["send"], raw.get("fallback")
+        if not isinstance(template, str) or not template.strip():
+            continue
         mark = raw.value_mark("template") if isinstance(raw, YMap) else UNKNOWN
-        for message in templates.check(step.template, step.channel):
+        for message in templates.check(template, channel):
             problems.add(mark, message)
-        if step.fallback:
-            for message in templates.check(step.template, step.fallback):
-                problems.add(mark, f"fallback {step.fallback}: {message}")
-        del index
-
-
-def _raw_step(raw_steps: Any, step_id: str) -> Any:
-    for raw in raw_steps or []:
-        if isinstance(raw, dict) and raw.get("id") == step_id:
-            return raw
-    return None
+        if fallback in CHANNELS and fallback != channel:
+            for message in templates.check(template, fallback):
+                problems.add(mark, f"fallback {fallback}: {message}")
 
 
 def journey_files(rules_dir: Path) -> list[Path]:
@@ -233,9 +266,11 @@ def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: 
 
     seg_path = rules_dir / "segments.yaml"
     seg_problems = Problems(str(seg_path))
+    declared: set[str] = set()
     if seg_path.exists():
         book.segments = _parse_segments(seg_path, seg_problems)
-        _segment_cycles(book.segments, seg_problems)
+        declared = _declared_segments(seg_path) if seg_problems else set(book.segments)
+        _segment_cycles(book.segments, seg_problems, declared)
     all_problems.append(seg_problems)
 
     loyalty_path = rules_dir / "loyalty.yaml"
@@ -255,10 +290,10 @@ def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: 
         all_problems.append(problems)
         data = _read(path, problems)
         journey = parse_journey(data, problems, str(path)) if data is not None else None
-        if journey is not None:
-            _check_journey_refs(journey, book.segments, templates, data, problems)
-            if journey.id in seen:
-                problems.add(data.value_mark("journey"), f"journey id {journey.id!r} is also used by {seen[journey.id]}")
+        _check_journey_refs(data, book.segments, declared, templates, problems)
+        if journey is not None and journey.id in seen:
+            problems.add(data.value_mark("journey"), f"journey id {journey.id!r} is also used by {seen[journey.id]}; "
+                         "every journey needs its own id")
         if problems or journey is None:
             book.broken_files.add(str(path))
             continue

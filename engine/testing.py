@@ -80,13 +80,11 @@ class Harness:
         path = self.tmp / f"members-{self._lines}.jsonl"
         path.write_text("\n".join(json.dumps(r, ensure_ascii=False, default=str) for r in rows) + "\n",
                         encoding="utf-8")
-        book = self.app.require_valid_rules()
-        return import_members(self.app.store, path, book.loyalty, self.config.default_region, self.at(now))
+        return import_members(self.app.store, path, self.app.loyalty(), self.config.default_region, self.at(now))
 
     def event(self, member_id: str, kind: str, at: str, **properties: Any) -> ImportReport:
         row = {"member_id": member_id, "type": kind, "at": at, "properties": properties}
-        book = self.app.require_valid_rules()
-        return record_events(self.app.store, [(1, row, None)], book.loyalty, self.at(at), "test")
+        return record_events(self.app.store, [(1, row, None)], self.app.loyalty(), self.at(at), "test")
 
     def tick(self, now: str | datetime) -> TickReport:
         return self.app.tick(self.at(now))

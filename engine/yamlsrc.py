@@ -149,17 +149,42 @@ def load_yaml(text: str) -> Any:
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = Mark(mark.line + 1, mark.column + 1) if mark else UNKNOWN
-        problem = exc.problem or "invalid YAML"
-        if exc.context:
-            problem = f"{problem} ({exc.context})"
-        raise YamlSyntaxError(f"YAML syntax error: {problem}; check indentation and quoting", where) from None
+        message, where = _explain(exc, text)
+        raise YamlSyntaxError(f"YAML syntax error: {message}", where) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"YAML syntax error: {exc}", UNKNOWN) from None
     finally:
         loader.dispose()
     return None if node is None else _build(node)
+
+
+def _explain(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, Mark]:
+    """A marketer-readable message, positioned where the mistake is rather than where PyYAML noticed it."""
+    mark = exc.problem_mark or exc.context_mark
+    where = Mark(mark.line + 1, mark.column + 1) if mark else UNKNOWN
+    start = exc.context_mark
+    started = Mark(start.line + 1, start.column + 1) if start else where
+    problem = exc.problem or "invalid YAML"
+    if "'\\t'" in problem:
+        return "YAML does not allow tab characters here; indent with spaces instead of tabs", where
+    if "could not find expected ':'" in problem and exc.context == "while scanning a simple key":
+        # PyYAML notices on the next line; the mistake is on the line where the key started.
+        lines = text.splitlines()
+        line = lines[started.line - 1] if started.line <= len(lines) else ""
+        if "：" in line:
+            hint = "use an English colon ':' followed by a space, not the full-width Chinese colon '：'"
+        elif re.search(r"[^\s:]:[^\s:/]", line):
+            hint = "put a space after ':' (write `send: email`, not `send:email`)"
+        else:
+            hint = "each line must be `key: value`; check indentation and quoting"
+        return f"this line is not a `key: value` pair; {hint}", started
+    if exc.context == "while scanning a quoted scalar":
+        return "a quote opened here is never closed; add the closing quote", started
+    if exc.context and start is not None and started.line != where.line:
+        problem = f"{problem} ({exc.context} that started on line {started.line})"
+    elif exc.context:
+        problem = f"{problem} ({exc.context})"
+    return f"{problem}; check indentation and quoting", where
 
 
 def snippet(text: str, line: int, radius: int = 2) -> str:

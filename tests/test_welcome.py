@@ -67,3 +67,13 @@ def test_signing_up_twice_never_enrolls_twice(harness: Harness) -> None:
     harness.tick("2026-03-09T10:05:00+08:00")
     assert len(harness.enrollments(journey_id="welcome")) == 1
     assert [s for s in harness.steps_sent() if s[1] == "welcome_email"] == [("welcome", "welcome_email")]
+
+
+def test_importing_old_sign_ups_does_not_welcome_last_years_members(harness: Harness) -> None:
+    harness.members(LIN, AMY)
+    harness.event("m1", "signup", "2025-05-02T10:00:00Z")  # history, imported today
+    harness.event("m2", "signup", "2026-03-02T09:00:00Z")
+    report = harness.tick("2026-03-02T10:05:00Z")
+    assert report.counts["stale"] == 1
+    assert harness.steps_sent() == [("welcome", "welcome_email")]
+    assert harness.sent()[0].member_id == "m2"
