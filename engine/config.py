@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.durations import parse_duration
 from engine.exceptions import ConfigError
@@ -65,13 +65,22 @@ class ChannelsConfig(_Strict):
     sms: ChannelConfig = ChannelConfig(provider="outbox")
     email: ChannelConfig = ChannelConfig(provider="outbox")
 
-    @model_validator(mode="after")
-    def _providers_fit_channels(self) -> ChannelsConfig:
-        if self.sms.provider == "sendgrid":
-            raise ValueError("channels.sms.provider must be twilio, console or outbox, got: sendgrid")
-        if self.email.provider == "twilio":
-            raise ValueError("channels.email.provider must be sendgrid, console or outbox, got: twilio")
-        return self
+    # Field validators rather than one model validator: each runs even when the other channel is wrong.
+    @field_validator("sms")
+    @classmethod
+    def _sms_provider(cls, value: ChannelConfig) -> ChannelConfig:
+        if value.provider == "sendgrid":
+            raise ValueError("channels.sms.provider must be twilio, console or outbox, got: 'sendgrid' "
+                             "(sendgrid sends email)")
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _email_provider(cls, value: ChannelConfig) -> ChannelConfig:
+        if value.provider == "twilio":
+            raise ValueError("channels.email.provider must be sendgrid, console or outbox, got: 'twilio' "
+                             "(twilio sends SMS)")
+        return value
 
 
 class WebConfig(_Strict):
@@ -88,7 +97,7 @@ class QuietHours(_Strict):
     @classmethod
     def _hhmm(cls, value: str) -> str:
         if not _HHMM.match(value):
-            raise ValueError(f"must be a time written HH:MM (24-hour, quoted), got: {value!r}")
+            raise ValueError(f'must be a 24-hour time written HH:MM such as "08:00" or "21:30", got: {value!r}')
         return value
 
 
@@ -165,17 +174,17 @@ class Config(_Strict):
         return self.path(configured) if configured else self.var_path / "outbox" / f"{channel}.jsonl"
 
 
-def _interpolate(value: Any, problems: list[str], where: Mark, filename: str) -> Any:
+def _interpolate(value: Any, problems: list[tuple[Mark, str]], where: Mark) -> Any:
     if isinstance(value, YMap):
         out = YMap(value.mark)
         out.key_marks, out.value_marks = value.key_marks, value.value_marks
         for key, item in value.items():
-            out[key] = _interpolate(item, problems, value.value_mark(key), filename)
+            out[key] = _interpolate(item, problems, value.value_mark(key))
         return out
     if isinstance(value, YSeq):
         seq = YSeq(value.mark)
         seq.item_marks = value.item_marks
-        seq.extend(_interpolate(item, problems, value.item_mark(i), filename) for i, item in enumerate(value))
+        seq.extend(_interpolate(item, problems, value.item_mark(i)) for i, item in enumerate(value))
         return seq
     if isinstance(value, str):
 
@@ -185,10 +194,7 @@ def _interpolate(value: Any, problems: list[str], where: Mark, filename: str) ->
                 return os.environ[name]
             if default is not None:
                 return default
-            problems.append(
-                f"{filename}:{where.line}:{where.col}: environment variable {name} is not set; "
-                f"export it or write ${{{name}:-default}}"
-            )
+            problems.append((where, f"environment variable {name} is not set; export it or write ${{{name}:-default}}"))
             return ""
 
         return _ENV.sub(sub, value)
@@ -230,19 +236,37 @@ def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[st
     return [f.alias or name for name, f in getattr(current, "model_fields", {}).items() if name != "base_dir"]
 
 
-def _describe(error: dict[str, Any], data: Any, filename: str) -> str:
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """scheduler.interval, frequency_caps[0].per: the way validate names places elsewhere."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(error: dict[str, Any], data: Any) -> tuple[Mark, str]:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    dotted = _dotted(loc)
     if error["type"] == "extra_forbidden":
         parent, key = loc[:-1], str(loc[-1])
         mark = _locate_key(data, parent, key)
         known = _known_fields(Config, parent)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else (f"; known keys: {', '.join(known)}" if known else "")
-        return f"{filename}:{mark.line}:{mark.col}: unknown key {dotted!r}{hint}"
-    mark = _locate(data, loc)
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{filename}:{mark.line}:{mark.col}: {dotted}: {message}"
+        return mark, f"unknown key {dotted!r}{hint}"
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    deeper = re.match(r"^([\w.]+) must ", message)
+    if deeper and deeper.group(1).startswith(f"{dotted}."):
+        # A validator on a section names the key inside it that is wrong: point at that key.
+        return _locate(data, tuple(deeper.group(1).split("."))), message
+    value = error.get("input")
+    if isinstance(value, (str, int, float, bool)) and "got:" not in message:
+        message += f", got: {value!r}"
+        if error["type"] == "literal_error" and isinstance(value, str):
+            choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+            close = difflib.get_close_matches(value, choices, n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
+    return _locate(data, loc), f"{dotted}: {message}"
 
 
 def _locate_key(data: Any, parent: tuple[int | str, ...], key: str) -> Mark:
@@ -272,14 +296,15 @@ def load_config(path: str | Path = "config.yaml", db_url: str | None = None, *, 
             raw = YMap()
         if not isinstance(raw, YMap):
             raise ConfigError(f"{file}:1:1: config must be a mapping of keys to values")
-        problems: list[str] = []
-        data = _interpolate(raw, problems, raw.mark, str(file))
+        problems: list[tuple[Mark, str]] = []
+        data = _interpolate(raw, problems, raw.mark)
         try:
             config = Config.model_validate({**data, "base_dir": file.resolve().parent})
         except ValidationError as exc:
-            problems.extend(_describe(e, data, str(file)) for e in exc.errors())
+            problems.extend(_describe(e, data) for e in exc.errors())
         if problems:
-            raise ConfigError("\n".join(problems))
+            ordered = sorted(problems, key=lambda p: (p[0].line, p[0].col))
+            raise ConfigError("\n".join(f"{file}:{mark.line}:{mark.col}: {message}" for mark, message in ordered))
     if db_url:
         config = config.model_copy(update={"database": DatabaseConfig(url=db_url)})
     return config

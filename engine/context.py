@@ -56,12 +56,14 @@ class ContextBuilder:
         for key in ("from", "to"):
             if isinstance(event_view.get(key), str) and event_view.get(key) in {t.id for t in self.loyalty.tiers}:
                 event_view[f"{key}_name"] = self.tier(event_view[key], locale)["name"]
+        tz = zone(member.get("timezone"), self.default_timezone)
         return {
+            "_tz": tz.key,  # the zone the date filters use: the member's, else default_timezone
             "member": view,
             "tier": self.tier(member.get("tier"), locale),
             "next_tier": upcoming,
             "event": event_view,
             "journey": journey,
-            "now": now.astimezone(zone(member.get("timezone"), self.default_timezone)),
+            "now": now.astimezone(tz),
             "unsubscribe_url": unsubscribe_url,
         }

@@ -45,8 +45,9 @@ from engine.models import MessageStatus, messages
 from engine.report import TickReport
 from engine.simulate import simulate
 
-TICK = timedelta(hours=2)  # 1,080 ticks for 90 days: the default demo stays well under a minute
+TICK = timedelta(hours=3)  # 720 ticks for 90 days keep the default demo well under a minute
 NEW_MEMBER_SHARE = 0.1  # of --members, signing up during the window (the welcome journey's audience)
+DRIFT = 0.2  # chance that an order is an active member's last for a long while
 BATCH = 1000
 CHANNELS = ("email", "sms")
 
@@ -75,7 +76,7 @@ GIVEN_NAMES = _pairs(
 FIRST_NAMES = _words("Oliver Amelia George Isla Harry Ava Jack Mia Charlie Emily James Sophie Thomas Grace "
                      "William Lily Daniel Chloe Michael Emma Ethan Olivia Noah Hannah Lucas Zoe Samuel Ella Henry Ruby")
 LAST_NAMES = _words("Smith Jones Taylor Brown Williams Wilson Johnson Davies Robinson Wright Thompson Evans "
-                    "Walker White Roberts Green Hall Wood Jackson Clarke Miller Davis Garcia Martinez Anderson Moore Lee Harris")
+                    "Walker White Roberts Green Hall Wood Jackson Clarke Miller Davis Garcia Martinez Lee")
 CN_MOBILE = _words("130 131 132 133 135 136 137 138 139 150 151 152 153 155 158 159 177 180 182 186 187 188 189")
 CN_CITIES = _words("上海 北京 广州 深圳 杭州 成都 南京 武汉 苏州 西安 重庆 天津")
 # English-speaking members: (time zone, share, mobile prefixes that libphonenumber accepts, cities)
@@ -87,9 +88,9 @@ EN_ZONES = (
 EMAIL_DOMAINS = ("example.com", "example.net", "example.org")  # reserved names: no real inbox can receive these
 # What a sent message makes members do: (journey, step) -> (chance of an order, mean days until it).
 ORDERS_AFTER = {
-    ("winback", "first_touch"): (0.10, 5.0), ("winback", "sms_offer"): (0.12, 2.0),
-    ("birthday", "birthday_email"): (0.20, 3.0), ("welcome", "welcome_email"): (0.25, 2.0),
-    ("welcome", "first_order_coupon"): (0.20, 1.5),
+    ("winback", "first_touch"): (0.06, 5.0), ("winback", "sms_offer"): (0.08, 2.0),
+    ("birthday", "birthday_email"): (0.15, 3.0), ("welcome", "welcome_email"): (0.08, 2.0),
+    ("welcome", "first_order_coupon"): (0.10, 1.5),
 }
 UNSUBSCRIBE_CHANCE = {"email": 0.004, "sms": 0.012}  # per message received ("回T退订")
 
@@ -101,10 +102,10 @@ class Shopper:
     id: str
     zone: ZoneInfo
     spend: float
-    rate: float  # ordinary orders per day
-    logins: float  # logins per day
-    lapsed: bool
-    chain: int = 0  # bumped when the rate changes, so that the orders planned at the old rate are dropped
+    rate: float = 0.0  # ordinary orders per day
+    logins: float = 0.0  # logins per day
+    lapsed: bool = False
+    chain: int = 0  # bumped when the pace changes, so that the orders planned at the old pace are dropped
 
 
 class World:
@@ -178,7 +179,9 @@ class World:
             raw = self.person(number)
             self.history(raw)
             last = raw["last_order_at"]
-            lapsed = not last or datetime.fromisoformat(last) < self.start - timedelta(days=60)
+            gap = (self.start - datetime.fromisoformat(last)).days if last else 999
+            # The longer since the last order, the likelier the member has already drifted away.
+            lapsed = gap > 60 or self.rng.random() < gap / 90
             self._enrol(raw, float(raw["total_spend"]), lapsed, self.start)
             yield raw
 
@@ -186,19 +189,24 @@ class World:
         span = (self.end - self.start).total_seconds()
         for offset in range(count):
             raw = self.person(first_number + offset)
-            at = self.start + timedelta(seconds=self.rng.uniform(0, span))
+            at = self.start + timedelta(seconds=self.rng.uniform(0, span - 9 * 3600))  # still in after _awake
             raw.update(signup_at=at.isoformat(), total_spend=0, order_count=0, points=0, last_order_at="")
             self.joining[raw["id"]] = raw
             self._push(self._awake(at, ZoneInfo(raw["timezone"])), "signup", raw["id"])
 
     def _enrol(self, raw: dict[str, Any], spend: float, lapsed: bool, now: datetime) -> None:
-        rank = self.loyalty.rank(self.loyalty.tier_for_spend(spend).id)
-        # Better customers order more often; members who drifted away rarely come back on their own.
-        rate = 1 / self.rng.uniform(250, 500) if lapsed else self.rng.lognormvariate(0, 0.4) * 1.5 ** rank / 50
-        shopper = Shopper(raw["id"], ZoneInfo(raw["timezone"]), spend, rate, rate * 3 + 1 / 40, lapsed)
+        shopper = Shopper(raw["id"], ZoneInfo(raw["timezone"]), spend)
+        self._pace(shopper, lapsed)
         self.shoppers[shopper.id] = shopper
         self._schedule(shopper, "order", now)
         self._schedule(shopper, "login", now)
+
+    def _pace(self, shopper: Shopper, lapsed: bool) -> None:
+        # Better customers order more often; members who drifted away rarely come back on their own.
+        rank = self.loyalty.rank(self.loyalty.tier_for_spend(shopper.spend).id)
+        shopper.rate = 1 / self.rng.uniform(250, 500) if lapsed else self.rng.lognormvariate(0, 0.5) * 1.5**rank / 30
+        shopper.logins = 1 / 150 if lapsed else shopper.rate * 2 + 1 / 60
+        shopper.lapsed, shopper.chain = lapsed, shopper.chain + 1
 
     # ------------------------------------------------------------------ the clock
 
@@ -230,7 +238,7 @@ class World:
                 happened.append(_event(member_id, "signup", at, {"source": self.rng.choice(
                     ["门店", "小程序", "官网", "App"] if raw["locale"] == "zh-CN" else ["web", "app", "store"])}))
                 self._enrol(raw, 0.0, False, at)
-                if self.rng.random() < 0.3:  # some order at once, before the welcome series goes on
+                if self.rng.random() < 0.1:  # some order at once, before the welcome series goes on
                     self._schedule(self.shoppers[member_id], "bought", at, mean_days=1.5)
             elif kind == "login":
                 via = self.rng.choice(["app", "mini_program", "web"])
@@ -247,11 +255,11 @@ class World:
         amount = self.rng.lognormvariate(math.log(180 * 2.2 ** rank), 0.6)
         amount = float(max(19, int(amount) // 10 * 10 + self.rng.choice((8, 9))))  # shop prices end in 8 or 9
         shopper.spend += amount
-        if shopper.lapsed:  # came back: from now on they shop like an active member
-            shopper.rate = self.rng.lognormvariate(0, 0.4) * 1.5 ** rank / 50
-            shopper.lapsed, shopper.chain = False, shopper.chain + 1
-            self._schedule(shopper, "order", at)
-        elif ordinary:
+        # A lapsed member who orders is back; any ordinary order may be the last before a member drifts away.
+        changed = shopper.lapsed or (ordinary and self.rng.random() < DRIFT)
+        if changed:
+            self._pace(shopper, not shopper.lapsed)
+        if changed or ordinary:
             self._schedule(shopper, "order", at)
         self.seq += 1
         return _event(shopper.id, "purchase", at, {"amount": amount, "order_id": f"D{self.seq:08d}"})

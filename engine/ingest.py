@@ -21,7 +21,7 @@ from typing import Any
 import phonenumbers
 from babel.core import Locale, UnknownLocaleError
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.exceptions import InputError
@@ -36,6 +36,7 @@ MEMBER_FIELDS = (
     "total_spend", "order_count", "last_order_at", "email_opt_in", "sms_opt_in",
 )
 EVENT_FIELDS = ("member_id", "type", "at", "properties", "id")
+EARNED_TIER = "_earned_tier_order"  # marker on parsed rows whose tier was computed from total_spend
 EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _TRUE = {"true", "1", "yes", "y", "t", "是"}
 _FALSE = {"false", "0", "no", "n", "f", "否", ""}
@@ -75,6 +76,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
             for row in reader:
                 if None in row:
                     yield start, None, f"{len(row[None]) if row[None] else 1} more value(s) than there are columns"
+                elif any(value is None for value in row.values()):
+                    missing = sum(value is None for value in row.values())
+                    yield start, None, f"{missing} value(s) missing: the row has fewer values than there are columns"
                 else:
                     yield start, {k.strip(): v for k, v in row.items() if k is not None}, None
                 start = reader.line_num + 1
@@ -219,7 +223,9 @@ def parse_member(row: dict[str, Any], loyalty: Loyalty, region: str) -> dict[str
         else:
             out["tier"] = row["tier"]
     elif "total_spend" in out:
+        # Earned from spend: on an update it may raise the stored tier but never lower it (that is a review's job).
         out["tier"] = loyalty.tier_for_spend(out["total_spend"]).id
+        out[EARNED_TIER] = tuple(t.id for t in loyalty.tiers)
     extra = {k: _attribute_value(v) for k, v in row.items() if k not in MEMBER_FIELDS and k != "attributes" and k}
     if isinstance(row.get("attributes"), dict):
         extra.update(row["attributes"])
@@ -247,10 +253,17 @@ def upsert_members(conn: Connection, dialect: str, rows: list[dict[str, Any]], n
     for row in rows:
         by_shape.setdefault(tuple(sorted(row)), []).append(row)
     for shape, group in by_shape.items():
-        values = [{"attributes": {}, **row, "created_at": now, "updated_at": now} for row in group]
+        order = group[0].get(EARNED_TIER)
+        columns = tuple(c for c in shape if c != EARNED_TIER)
+        values = [{"attributes": {}, **{c: row[c] for c in columns}, "created_at": now, "updated_at": now}
+                  for row in group]
         stmt = insert(members)
-        updates: dict[str, Any] = {c: stmt.excluded[c] for c in shape if c != "id" and c != "attributes"}
+        updates: dict[str, Any] = {c: stmt.excluded[c] for c in columns if c != "id" and c != "attributes"}
         updates["updated_at"] = stmt.excluded.updated_at
+        if order:
+            rank = {tier: i for i, tier in enumerate(order)}
+            earned, stored = case(rank, value=stmt.excluded.tier, else_=-1), case(rank, value=members.c.tier, else_=-1)
+            updates["tier"] = case((earned > stored, stmt.excluded.tier), else_=members.c.tier)
         if "attributes" in shape:
             if dialect == "sqlite":
                 from sqlalchemy import func

@@ -172,7 +172,7 @@ class _Ctx:
         for key in required:
             if key not in data:
                 mark = data.mark if isinstance(data, YMap) else UNKNOWN
-                self.add(mark, f"{where} is missing {key!r}")
+                self.add(mark, f"{where} is missing {key!r}{_MISSING_HINTS.get(key, f'; add {key}:')}")
                 ok = False
         return ok
 
@@ -206,6 +206,11 @@ def kmark(data: Any, key: str) -> Mark:
     return UNKNOWN
 
 
+_MISSING_HINTS = {
+    "journey": "; add journey: followed by an id such as welcome_series",
+    "trigger": "; add trigger: with one of event:, segment: or date:",
+    "steps": "; add steps: with at least one step such as - {id: first_touch, send: email, template: ...}",
+}
 _TOP = ("journey", "name", "description", "status", "trigger", "entry", "exit_when", "goal", "steps")
 
 
@@ -213,15 +218,16 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
     """Build a Journey from parsed YAML; None (with problems added) if anything is wrong."""
     ctx = _Ctx(problems)
     before = len(problems.items)
-    if not ctx.keys(data, "the journey", _TOP, ("journey", "trigger", "steps")):
-        if not isinstance(data, dict):
-            return None
+    if _not_a_journey(ctx, data):
+        return None
+    if not ctx.keys(data, "the journey", _TOP, ("journey", "trigger", "steps")) and not isinstance(data, dict):
+        return None
     journey_id = data.get("journey")
-    if not isinstance(journey_id, str) or not JOURNEY_ID.match(journey_id):
+    if "journey" in data and (not isinstance(journey_id, str) or not JOURNEY_ID.match(journey_id)):
         ctx.add(vmark(data, "journey"), f"journey id must use only a-z, 0-9 and _, got: {journey_id!r}"
                 f"{_id_suggestion(journey_id)}")
     name = data.get("name", journey_id)
-    if not isinstance(name, str):
+    if "name" in data and not isinstance(name, str):
         ctx.add(vmark(data, "name"), f"name must be text, got: {name!r}")
     status = data.get("status", "active")
     if status not in STATUSES:
@@ -241,6 +247,15 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
     )
     _check_graph(ctx, journey, data.get("steps"))
     return None if len(problems.items) > before else journey
+
+
+def _not_a_journey(ctx: _Ctx, data: Any) -> bool:
+    """A segments or loyalty file passed as a journey gets one clear message, not one per missing key."""
+    if not isinstance(data, dict) or "journey" in data or not ({"segments", "tiers"} & set(data)):
+        return False
+    what, home = ("segments", "rules/segments.yaml") if "segments" in data else ("loyalty tiers", "rules/loyalty.yaml")
+    ctx.add(getattr(data, "mark", UNKNOWN), f"this file holds {what}, not a journey; {what} are read only from {home}")
+    return True
 
 
 def _id_suggestion(value: Any) -> str:
@@ -323,7 +338,8 @@ def _entry(ctx: _Ctx, data: Any) -> Entry:
     try:
         return Entry(parse_duration(value))
     except ValueError:
-        ctx.add(vmark(data, "reentry"), f"entry.reentry must be never, always or a cooldown such as 180d, got: {value!r}")
+        ctx.add(vmark(data, "reentry"),
+                f"entry.reentry must be never, always or a cooldown such as 180d, got: {value!r}")
         return Entry()
 
 
@@ -398,7 +414,8 @@ def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
             ctx.add(item_mark, f"{where} needs an id (e.g. id: first_touch): the message log is keyed by step id")
             continue
         if step_id in seen:
-            ctx.add(vmark(raw, "id"), f"step id {step_id!r} is used twice (first at steps[{seen[step_id]}])")
+            ctx.add(vmark(raw, "id"), f"step id {step_id!r} is used twice (first at steps[{seen[step_id]}]); "
+                    "give each step its own id")
             continue
         seen[step_id] = index
         step = _step(ctx, kind, step_id, raw, where)

@@ -144,7 +144,9 @@ def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | No
         value = raw.get(key, default)
         if not _number(value) or value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f"{low} or more"
-            problems.add(_vmark(raw, key) if key in raw else mark, f"{where}.{key} must be a number {bound}, got: {value!r}")
+            hint = " (0.8 means 8折, 20% off)" if key == "discount" else ""
+            problems.add(_vmark(raw, key) if key in raw else mark,
+                         f"{where}.{key} must be a number {bound}{hint}, got: {value!r}")
             ok = False
         else:
             values[key] = float(value)

@@ -140,16 +140,27 @@ class Templates:
                 raise TemplateRenderError(f"{path}: missing; a {channel} template needs "
                                           f"{' and '.join(REQUIRED[channel])}") from None
             except jinja2.UndefinedError as exc:
-                raise TemplateRenderError(f"templates/{path}: {exc.message}") from None
+                raise TemplateRenderError(f"{self._where(path, exc)}: {exc.message}") from None
             except jinja2.TemplateError as exc:
-                raise TemplateRenderError(f"templates/{path}: {exc}") from None
+                raise TemplateRenderError(f"{self._where(path, exc)}: {exc}") from None
             except (TypeError, ValueError, ArithmeticError) as exc:
-                raise TemplateRenderError(f"templates/{path}: {type(exc).__name__}: {exc}") from None
+                raise TemplateRenderError(f"{self._where(path, exc)}: {type(exc).__name__}: {exc}") from None
         text = parts["text"] or ""
         if channel == "sms":
             return Rendered(chosen, text)
         html = parts.get("html") or _html_from_text(text)
         return Rendered(chosen, text, parts.get("subject") or "", html)
+
+    def _where(self, path: str, exc: BaseException) -> str:
+        """FILE:LINE of the template line that failed (Jinja puts template frames in the traceback)."""
+        line = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(SUFFIX):
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        shown = self.root / path
+        return f"{shown}:{line}" if line else str(shown)
 
     # ----------------------------------------------------------------- filters
 
@@ -262,9 +273,9 @@ def _find_name(source: str, name: str) -> tuple[int, int]:
 
 
 def _zone(ctx: Any) -> ZoneInfo:
+    name = ctx.get("_tz")
     member = ctx.get("member")
-    name = None
-    if isinstance(member, Mapping):
+    if name is None and isinstance(member, Mapping):
         name = member.get("timezone")
     try:
         return ZoneInfo(name or "UTC")
