@@ -34,10 +34,10 @@ class Ctx:
     config_path: str
     db: str | None
     debug: bool
+    config_explicit: bool = False  # --config was given: a missing file is an error, not "all defaults"
 
     def config(self) -> Config:
-        explicit = self.config_path != "config.yaml"
-        return load_config(self.config_path, self.db, required=explicit)
+        return load_config(self.config_path, self.db, required=self.config_explicit)
 
     def app(self, *, lock: str | None = None) -> Any:
         from engine.app import App
@@ -90,7 +90,8 @@ def main(ctx: click.Context, config_path: str, db: str | None, debug: bool) -> N
     logsetup.setup(debug)
     if not debug:
         logging.getLogger().setLevel(logging.WARNING)
-    ctx.obj = Ctx(config_path, db, debug)
+    explicit = ctx.get_parameter_source("config_path") is not click.core.ParameterSource.DEFAULT
+    ctx.obj = Ctx(config_path, db, debug, explicit)
 
 
 # --------------------------------------------------------------------------- validate
@@ -101,37 +102,16 @@ def main(ctx: click.Context, config_path: str, db: str | None, debug: bool) -> N
 @click.pass_obj
 @handle_errors
 def validate(obj: Ctx, paths: tuple[Path, ...]) -> None:
-    """Check journeys, segments, loyalty rules, templates and config."""
-    from engine.rulebook import load_rulebook
-    from engine.templates import Templates
+    """Check journeys, segments, loyalty rules, templates and config (all of them, or the PATHS given)."""
+    from engine.validation import validate_paths
 
-    try:
-        config = obj.config()
-    except EngineError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    for path in paths:
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder")
-    templates = Templates(config.templates_path, config.default_locale, config.currency)
-    extra = [p for p in paths if p.is_file() and p.suffix in (".yaml", ".yml")
-             and p.name not in ("segments.yaml", "loyalty.yaml", "config.yaml")]
-    book = load_rulebook(config.rules_path, templates, [p.resolve() for p in extra])
-    problems = book.problems
-    if paths:
-        wanted = [p.resolve() for p in paths]
-        problems = [p for p in problems if any(_within(Path(p.file).resolve(), w) for w in wanted)]
-    for problem in sorted(problems, key=lambda p: (p.file, p.line, p.col)):
+    problems, summary = validate_paths(obj.config_path, obj.db, obj.config_explicit, paths)
+    for problem in problems:
         click.echo(f"{_relative(problem.file)}:{problem.line}:{problem.col}: {problem.message}")
     if problems:
         click.echo(f"{len(problems)} problem(s) found", err=True)
         sys.exit(1)
-    click.echo(f"ok: {len(book.journeys)} journeys, {len(book.segments)} segments, {len(book.loyalty.tiers)} tiers, "
-               f"{len(list(config.templates_path.rglob('*.j2')))} template files")
-
-
-def _within(path: Path, wanted: Path) -> bool:
-    return path == wanted or wanted in path.parents
+    click.echo(summary)
 
 
 def _relative(file: str) -> str:

@@ -206,7 +206,8 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
             return None
         parsed = _parse_time(value, kind)
         if parsed is None:
-            bad("an ISO date such as 2026-01-31" + ("" if kind is Kind.DATE else " or date-time 2026-01-31T10:00:00+08:00"))
+            bad("an ISO date such as 2026-01-31"
+                + ("" if kind is Kind.DATE else " or date-time 2026-01-31T10:00:00+08:00"))
             return None
         return Test(attribute, op, parsed)
     if op == "in":
@@ -393,7 +394,9 @@ def _compare_sql(op: str, col: Any, expected: Any) -> ColumnElement[bool]:
     raise AssertionError(op)
 
 
-_SQLITE_TYPES: dict[str, tuple[str, ...]] = {"number": ("integer", "real"), "string": ("text",), "bool": ("true", "false")}
+_SQLITE_TYPES: dict[str, tuple[str, ...]] = {
+    "number": ("integer", "real"), "string": ("text",), "bool": ("true", "false"),
+}
 _PG_TYPES: dict[str, tuple[str, ...]] = {"number": ("number",), "string": ("string",), "bool": ("boolean",)}
 
 

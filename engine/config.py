@@ -15,10 +15,11 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from engine.durations import parse_duration
 from engine.exceptions import ConfigError
-from engine.yamlsrc import UNKNOWN, Mark, YamlSyntaxError, YMap, YSeq, load_yaml
+from engine.yamlsrc import UNKNOWN, Mark, YamlSyntaxError, YMap, YSeq, load_yaml, snippet
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
@@ -93,10 +94,10 @@ class QuietHours(_Strict):
     start: str = "21:00"
     end: str = "08:00"
 
-    @field_validator("start", "end")
+    @field_validator("start", "end", mode="before")  # before: 2100 gets this message, not "must be a string"
     @classmethod
-    def _hhmm(cls, value: str) -> str:
-        if not _HHMM.match(value):
+    def _hhmm(cls, value: Any) -> str:
+        if not isinstance(value, str) or not _HHMM.match(value):
             raise ValueError(f'must be a 24-hour time written HH:MM such as "08:00" or "21:30", got: {value!r}')
         return value
 
@@ -244,7 +245,7 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _describe(error: dict[str, Any], data: Any) -> tuple[Mark, str]:
+def _describe(error: ErrorDetails, data: Any) -> tuple[Mark, str]:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     dotted = _dotted(loc)
     if error["type"] == "extra_forbidden":
@@ -279,6 +280,11 @@ def _locate_key(data: Any, parent: tuple[int | str, ...], key: str) -> Mark:
     return node.key_mark(key) if isinstance(node, YMap) else _locate(data, parent)
 
 
+def _has_db_url(raw: YMap) -> bool:
+    database = raw.get("database")
+    return isinstance(database, YMap) and "url" in database
+
+
 def load_config(path: str | Path = "config.yaml", db_url: str | None = None, *, required: bool = False) -> Config:
     """Load and validate config.yaml; a missing default file means all defaults."""
     file = Path(path)
@@ -287,17 +293,25 @@ def load_config(path: str | Path = "config.yaml", db_url: str | None = None, *, 
             raise ConfigError(f"{file}: no such file; pass --config PATH or create config.yaml")
         config = Config(base_dir=file.resolve().parent)
     else:
-        text = file.read_text(encoding="utf-8")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file}:1:1: file is not UTF-8 text; save it as UTF-8") from None
         try:
             raw = load_yaml(text)
         except YamlSyntaxError as exc:
-            raise ConfigError(f"{file}:{exc.mark.line}:{exc.mark.col}: {exc.message}") from None
+            raise ConfigError(f"{file}:{exc.mark.line}:{exc.mark.col}: {exc.message}\n"
+                              f"{snippet(text, exc.mark.line)}") from None
         if raw is None:
             raw = YMap()
         if not isinstance(raw, YMap):
             raise ConfigError(f"{file}:1:1: config must be a mapping of keys to values")
         problems: list[tuple[Mark, str]] = []
         data = _interpolate(raw, problems, raw.mark)
+        if db_url:
+            # --db replaces database.url, so a ${VAR} there need not be set.
+            overridden = _locate(raw, ("database", "url"))
+            problems = [p for p in problems if p[0] != overridden or not _has_db_url(raw)]
         try:
             config = Config.model_validate({**data, "base_dir": file.resolve().parent})
         except ValidationError as exc:

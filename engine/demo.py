@@ -52,33 +52,26 @@ BATCH = 1000
 CHANNELS = ("email", "sms")
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-def _pairs(text: str) -> list[list[str]]:
-    return [word.split(":") for word in text.split()]
-
-
-SURNAMES = _pairs(
+# Name and number tables read best as one string each (hence the noqa: SIM905).
+SURNAMES = [w.split(":") for w in (  # noqa: SIM905
     "王:wang 李:li 张:zhang 刘:liu 陈:chen 杨:yang 黄:huang 赵:zhao 吴:wu 周:zhou 徐:xu 孙:sun 马:ma 朱:zhu "
     "胡:hu 郭:guo 何:he 高:gao 林:lin 罗:luo 郑:zheng 梁:liang 谢:xie 宋:song 唐:tang 许:xu 韩:han 冯:feng "
     "邓:deng 曹:cao 彭:peng 曾:zeng 肖:xiao 田:tian 董:dong 袁:yuan 潘:pan 蒋:jiang 蔡:cai 余:yu 杜:du 叶:ye "
-    "程:cheng 苏:su 魏:wei 吕:lv 丁:ding 沈:shen 姚:yao 卢:lu 姜:jiang 崔:cui 钟:zhong 谭:tan 陆:lu 汪:wang")
+    "程:cheng 苏:su 魏:wei 吕:lv 丁:ding 沈:shen 姚:yao 卢:lu 姜:jiang 崔:cui 钟:zhong 谭:tan 陆:lu 汪:wang").split()]
 # A handful of surnames cover most people: weight by rank, as in the census tables.
 SURNAME_WEIGHTS = [1 / (rank + 4) for rank in range(len(SURNAMES))]
-GIVEN_NAMES = _pairs(
+GIVEN_NAMES = [w.split(":") for w in (  # noqa: SIM905
     "伟:wei 芳:fang 娜:na 敏:min 静:jing 丽:li 强:qiang 磊:lei 军:jun 洋:yang 勇:yong 艳:yan 杰:jie 娟:juan "
     "涛:tao 明:ming 超:chao 霞:xia 平:ping 刚:gang 雪:xue 琳:lin 斌:bin 颖:ying 鑫:xin 秀英:xiuying "
     "桂英:guiying 建华:jianhua 志强:zhiqiang 海燕:haiyan 丽娟:lijuan 晓东:xiaodong 子涵:zihan 浩然:haoran "
     "欣怡:xinyi 梓轩:zixuan 雨桐:yutong 思远:siyuan 佳怡:jiayi 宇航:yuhang 一鸣:yiming 诗涵:shihan "
-    "文博:wenbo 俊杰:junjie 雅琪:yaqi 婷婷:tingting 晓燕:xiaoyan 美玲:meiling 家豪:jiahao 嘉欣:jiaxin")
-FIRST_NAMES = _words("Oliver Amelia George Isla Harry Ava Jack Mia Charlie Emily James Sophie Thomas Grace "
-                     "William Lily Daniel Chloe Michael Emma Ethan Olivia Noah Hannah Lucas Zoe Samuel Ella Henry Ruby")
-LAST_NAMES = _words("Smith Jones Taylor Brown Williams Wilson Johnson Davies Robinson Wright Thompson Evans "
-                    "Walker White Roberts Green Hall Wood Jackson Clarke Miller Davis Garcia Martinez Lee")
-CN_MOBILE = _words("130 131 132 133 135 136 137 138 139 150 151 152 153 155 158 159 177 180 182 186 187 188 189")
-CN_CITIES = _words("上海 北京 广州 深圳 杭州 成都 南京 武汉 苏州 西安 重庆 天津")
+    "文博:wenbo 俊杰:junjie 雅琪:yaqi 婷婷:tingting 晓燕:xiaoyan 美玲:meiling 家豪:jiahao 嘉欣:jiaxin").split()]
+FIRST_NAMES = ("Oliver Amelia George Isla Harry Ava Jack Mia Charlie Emily James Sophie Thomas Grace "  # noqa: SIM905
+               "William Lily Daniel Chloe Michael Emma Ethan Olivia Noah Hannah Lucas Zoe Samuel Ella Ruby").split()
+LAST_NAMES = ("Smith Jones Taylor Brown Williams Wilson Johnson Davies Robinson Wright Thompson Evans "  # noqa: SIM905
+              "Walker White Roberts Green Hall Wood Jackson Clarke Miller Davis Garcia Martinez Lee").split()
+CN_MOBILE = "130 131 132 133 135 136 137 138 139 150 151 152 153 155 158 159 177 180 186 187 188".split()  # noqa: SIM905
+CN_CITIES = "上海 北京 广州 深圳 杭州 成都 南京 武汉 苏州 西安 重庆 天津".split()  # noqa: SIM905
 # English-speaking members: (time zone, share, mobile prefixes that libphonenumber accepts, cities)
 EN_ZONES = (
     ("Europe/London", 0.45, ("+447911", "+447400", "+447480", "+447552"), ("London", "Manchester", "Leeds")),
@@ -308,12 +301,10 @@ def _prepare_files(config: Config, db: Path, members: int, seed: int) -> dict[st
         raise InputError(f"{db} already exists and was not made by the demo, which only rebuilds its own "
                          f"databases; run it on another file: python run.py --db sqlite:///var/demo.db demo")
     _refuse_if_running(database[3])
-    outboxes: dict[str, Path] = {}
-    for channel in CHANNELS:
-        path = config.outbox_path(channel)
-        if path.exists() and str(path) not in ours:  # someone's real outbox: write ours beside the database
-            path = db.with_name(f"{db.stem}-outbox") / f"{channel}.jsonl"
-        outboxes[channel] = path
+    outboxes = {channel: config.outbox_path(channel) for channel in CHANNELS}
+    if any(p.exists() and str(p) not in ours for p in outboxes.values()):
+        # Never mix demo messages into a real outbox: keep them beside the demo database instead.
+        outboxes = {channel: db.with_name(f"{db.stem}-outbox") / f"{channel}.jsonl" for channel in CHANNELS}
     for path in [*database, *outboxes.values()]:
         path.unlink(missing_ok=True)
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -390,8 +381,14 @@ def run_demo(config: Config, members: int, days: int, seed: int, echo: Callable[
     started = time.perf_counter()
     db = _database_file(config)
     outboxes = _prepare_files(config, db, members, seed)
+    # Outbox channels whatever config.yaml says: demo members must never reach a real provider.
     channels: dict[str, Channel] = {name: OutboxChannel(path) for name, path in outboxes.items()}
-    app = App(config, channels=channels)
+    try:
+        app = App(config, channels=channels)
+    except BaseException:
+        for channel in channels.values():
+            channel.close()
+        raise
     try:
         app.store.acquire_process_lock("demo")
         loyalty = app.require_valid_rules().loyalty

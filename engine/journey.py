@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import time, timedelta
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from engine import conditions as cond
 from engine.attributes import DATE_ATTRIBUTES
@@ -45,7 +45,7 @@ class DateTrigger:
     offset_days: int = 0  # -3 fires three days before the date
 
 
-Trigger = Union[EventTrigger, SegmentTrigger, DateTrigger]
+Trigger = EventTrigger | SegmentTrigger | DateTrigger
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class EndStep:
     id: str
 
 
-Step = Union[SendStep, WaitStep, IfStep, EndStep]
+Step = SendStep | WaitStep | IfStep | EndStep
 
 
 @dataclass(frozen=True)
@@ -249,13 +249,24 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
     return None if len(problems.items) > before else journey
 
 
+_CONFIG_KEYS = {"database", "channels", "scheduler", "quiet_hours", "frequency_caps", "rules_dir", "templates_dir"}
+
+
 def _not_a_journey(ctx: _Ctx, data: Any) -> bool:
-    """A segments or loyalty file passed as a journey gets one clear message, not one per missing key."""
-    if not isinstance(data, dict) or "journey" in data or not ({"segments", "tiers"} & set(data)):
+    """A segments, loyalty or config file passed as a journey gets one clear message, not one per missing key."""
+    if not isinstance(data, dict) or "journey" in data:
         return False
-    what, home = ("segments", "rules/segments.yaml") if "segments" in data else ("loyalty tiers", "rules/loyalty.yaml")
-    ctx.add(getattr(data, "mark", UNKNOWN), f"this file holds {what}, not a journey; {what} are read only from {home}")
-    return True
+    mark = getattr(data, "mark", UNKNOWN)
+    if "segments" in data or "tiers" in data:
+        segments = "segments" in data
+        what, home = ("segments", "rules/segments.yaml") if segments else ("loyalty tiers", "rules/loyalty.yaml")
+        ctx.add(mark, f"this file holds {what}, not a journey; {what} are read only from {home}")
+        return True
+    if _CONFIG_KEYS & set(data):
+        ctx.add(mark, "this file looks like a config.yaml, not a journey; check it with "
+                      "`python run.py --config FILE validate`")
+        return True
+    return False
 
 
 def _id_suggestion(value: Any) -> str:
@@ -497,7 +508,7 @@ def _check_graph(ctx: _Ctx, journey: Journey, raw_steps: Any) -> None:
     for index in range(len(raw_steps or [])):
         marks[index] = raw_steps.item_mark(index) if hasattr(raw_steps, "item_mark") else UNKNOWN
     reachable: set[str] = set()
-    todo = [journey.first_step] if journey.first_step else []
+    todo: list[str | None] = [journey.first_step] if journey.first_step else []
     while todo:
         current = todo.pop()
         if current is None or current in reachable:

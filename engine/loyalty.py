@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from engine.problems import Problems, did_you_mean
 from engine.yamlsrc import UNKNOWN, YMap
@@ -129,7 +129,8 @@ def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | No
             ok = False
     tier_id = raw.get("id")
     if not isinstance(tier_id, str) or not TIER_ID.match(tier_id):
-        problems.add(_vmark(raw, "id") if "id" in raw else mark, f"{where}.id must use a-z, 0-9 and _, got: {tier_id!r}")
+        problems.add(_vmark(raw, "id") if "id" in raw else mark,
+                     f"{where}.id must use a-z, 0-9 and _, got: {tier_id!r}")
         ok = False
     names = raw.get("name")
     if isinstance(names, str):
@@ -154,7 +155,7 @@ def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | No
     if not isinstance(perks, dict) or not all(isinstance(v, list) for v in perks.values()):
         problems.add(_vmark(raw, "perks"), f"{where}.perks must map locales to lists, e.g. {{en: [Free shipping]}}")
         ok = False
-    if not ok:
+    if not ok or not isinstance(tier_id, str) or not isinstance(names, dict):
         return None
     return Tier(tier_id, dict(names), values["min_spend"], values["discount"], values["points_multiplier"],
                 {str(k): tuple(str(p) for p in v) for k, v in perks.items()})
@@ -168,7 +169,8 @@ def _check_order(tiers: list[Tier], raw_tiers: Any, problems: Problems) -> None:
             problems.add(_vmark(raw, "id"), f"tier id {tier.id!r} is used twice; give each tier its own id")
         seen.add(tier.id)
         if index == 0 and tier.min_spend != 0:
-            problems.add(_vmark(raw, "min_spend"), "the first (lowest) tier must have min_spend: 0 so every member has a tier")
+            problems.add(_vmark(raw, "min_spend"),
+                         "the first (lowest) tier must have min_spend: 0 so every member has a tier")
         if index > 0 and tier.min_spend <= tiers[index - 1].min_spend:
             problems.add(_vmark(raw, "min_spend"),
                          f"tiers[{index}].min_spend must be higher than the tier before it "
@@ -176,7 +178,7 @@ def _check_order(tiers: list[Tier], raw_tiers: Any, problems: Problems) -> None:
                          "list tiers from lowest to highest")
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -77,7 +77,7 @@ def _parse_segments(path: Path, problems: Problems) -> dict[str, Segment]:
         return {}
     raw_segments = data.get("segments") or {}
     if not isinstance(raw_segments, dict):
-        problems.add(data.value_mark("segments"), "segments: must map segment names to {condition: ...}")
+        problems.add(_value_mark(data, "segments"), "segments: must map segment names to {condition: ...}")
         return {}
     out: dict[str, Segment] = {}
     for name, raw in raw_segments.items():
@@ -87,17 +87,23 @@ def _parse_segments(path: Path, problems: Problems) -> dict[str, Segment]:
             continue
         bad = [k for k in raw if k not in SEGMENT_KEYS]
         for key in bad:
-            problems.add(raw.key_mark(key), f"unknown key {key!r} in segment {name!r}{did_you_mean(key, SEGMENT_KEYS)}")
+            problems.add(raw.key_mark(key) if isinstance(raw, YMap) else mark,
+                         f"unknown key {key!r} in segment {name!r}{did_you_mean(key, SEGMENT_KEYS)}")
         if "condition" not in raw:
             if not difflib.get_close_matches("condition", [str(k) for k in bad], n=1, cutoff=0.6):
                 problems.add(mark, f"segment {name!r} has no condition:; add one under it, "
                                    "e.g. condition: {tier: {in: [gold, diamond]}}")
             continue
-        condition = cond.parse(raw["condition"], raw.value_mark("condition"), problems, f"segments.{name}.condition")
+        condition = cond.parse(raw["condition"], _value_mark(raw, "condition"), problems,
+                               f"segments.{name}.condition")
         if condition is not None and not bad:
             description = raw.get("description") or raw.get("name") or ""
             out[str(name)] = Segment(str(name), condition, _plain(raw["condition"]), str(description), mark)
     return out
+
+
+def _value_mark(data: Any, key: str) -> Mark:
+    return data.value_mark(key) if isinstance(data, YMap) else UNKNOWN
 
 
 def _plain(value: Any) -> Any:
@@ -231,7 +237,8 @@ def _check_journey_refs(data: Any, segments: dict[str, Segment], declared: set[s
     reported together with any other mistake in the same journey."""
     if not isinstance(data, dict):
         return
-    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    steps = data.get("steps")
+    raw_steps: list[Any] = steps if isinstance(steps, list) else []
     places = [data.get("trigger"), data.get("exit_when"), data.get("goal"),
               *(raw.get("if") for raw in raw_steps if isinstance(raw, dict))]
     for name, mark in _raw_segment_refs(places):
@@ -260,11 +267,13 @@ def journey_files(rules_dir: Path) -> list[Path]:
     return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
 
 
-def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: Iterable[Path] = ()) -> Rulebook:
+def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: Iterable[Path] = (), *,
+                  segments_path: Path | None = None, loyalty_path: Path | None = None) -> Rulebook:
+    """Everything under RULES_DIR, plus EXTRA_JOURNEYS; the segments or loyalty file can be swapped for another."""
     book = Rulebook()
     all_problems: list[Problems] = []
 
-    seg_path = rules_dir / "segments.yaml"
+    seg_path = segments_path or rules_dir / "segments.yaml"
     seg_problems = Problems(str(seg_path))
     declared: set[str] = set()
     if seg_path.exists():
@@ -273,10 +282,13 @@ def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: 
         _segment_cycles(book.segments, seg_problems, declared)
     all_problems.append(seg_problems)
 
-    loyalty_path = rules_dir / "loyalty.yaml"
+    loyalty_path = loyalty_path or rules_dir / "loyalty.yaml"
     if loyalty_path.exists():
         loyalty_problems = Problems(str(loyalty_path))
         data = _read(loyalty_path, loyalty_problems)
+        if data is None and not loyalty_problems:
+            loyalty_problems.add(Mark(1, 1), "loyalty.yaml is empty; list tiers: lowest first, or delete the file "
+                                 "to use the built-in tiers")
         if data is not None:
             parsed = loyalty_mod.parse_loyalty(data, loyalty_problems)
             if parsed is not None:
@@ -289,6 +301,9 @@ def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: 
         problems = Problems(str(path))
         all_problems.append(problems)
         data = _read(path, problems)
+        if data is None and not problems:
+            problems.add(Mark(1, 1), "the file is empty (or only comments); a journey needs journey:, trigger: and "
+                         "steps:, or delete the file")
         journey = parse_journey(data, problems, str(path)) if data is not None else None
         _check_journey_refs(data, book.segments, declared, templates, problems)
         if journey is not None and journey.id in seen:

@@ -16,8 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli import main
+from engine.yamlsrc import load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED_JOURNEYS = len(list((REPO / "rules" / "journeys").glob("*.yaml")))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BROKEN = FIXTURES / "broken"
 VALID = FIXTURES / "valid"
@@ -86,6 +88,16 @@ def validate(project: Project, *paths: Path | str) -> Outcome:
     return Outcome(result.exit_code, result.stdout, result.stderr)
 
 
+def positions(outcome: Outcome) -> list[tuple[str, int, int]]:
+    """(file, line, column) of each problem, in the order printed."""
+    found = []
+    for problem in outcome.problems:
+        match = PROBLEM.match(problem)
+        assert match is not None
+        found.append((match["file"], int(match["line"]), int(match["col"])))
+    return found
+
+
 def locate(path: Path, anchor: str, occurrence: int = 1) -> tuple[int, int]:
     """Line and column of ANCHOR in PATH; a ^ inside ANCHOR marks the exact column (``status: ^no``).
 
@@ -132,7 +144,7 @@ def test_the_shipped_rules_and_templates_are_valid(project: Project) -> None:
     outcome = validate(project)
     assert outcome.exit_code == 0, outcome.stdout + outcome.stderr
     assert outcome.problems == []
-    assert outcome.stdout.startswith("ok: 4 journeys, 3 segments, 4 tiers, ")
+    assert outcome.stdout.startswith(f"ok: {SHIPPED_JOURNEYS} journeys, ")
 
 
 def test_each_shipped_file_is_valid_on_its_own(project: Project) -> None:
@@ -182,18 +194,15 @@ JOURNEY_MISTAKES = [
     ("reentry_no.yaml", "reentry: ^no", ["entry.reentry must be never, always or a cooldown such as 180d", "'no'"]),
     ("misspelt_step_kind.yaml", "^sendd:", ["exactly one of send:, wait:, if:, end:", "did you mean 'send'?"]),
     ("bad_journey_id.yaml", "journey: ^Welcome-Series", ["only a-z, 0-9 and _", "for example 'welcome_series'"]),
-    ("duplicate_step_id.yaml", "id: ^hello", ["step id 'hello' is used twice", "steps[0]", "its own id"]),
+    ("duplicate_step_id.yaml", "{id: ^hello", ["step id 'hello' is used twice", "steps[0]", "its own id"]),
     ("fallback_same_channel.yaml", "fallback: ^email", ["steps[0].fallback must be the other channel"]),
     ("end_with_a_value.yaml", "end: ^now", ["steps[1].end takes no value", "- end: true"]),
     ("goal_within_zero.yaml", "within: ^0d", ["goal.within", "longer than zero"]),
-    ("in_on_a_date.yaml", "in: ^[", ["trigger.segment.birthday.in", "'in' does not apply to dates", "before or within"]),
+    ("in_on_a_date.yaml", "in: ^[",
+     ["trigger.segment.birthday.in", "'in' does not apply to dates", "before or within"]),
     ("missing_trigger.yaml", "^journey: missing_trigger", ["missing 'trigger'", "event:, segment: or date:"]),
     ("octal_looking_time.yaml", "at: ^0800", ["trigger.at", "got: '0800'", '"10:00"']),
 ]
-
-
-def _occurrence(fixture: str) -> int:
-    return 2 if fixture == "duplicate_step_id.yaml" else 1
 
 
 @pytest.mark.parametrize(("fixture", "anchor", "words"), JOURNEY_MISTAKES, ids=[c[0] for c in JOURNEY_MISTAKES])
@@ -201,22 +210,24 @@ def test_a_journey_mistake_is_reported_where_it_is_with_the_fix(
     project: Project, fixture: str, anchor: str, words: list[str]
 ) -> None:
     path = BROKEN / fixture
-    line, col = locate(path, anchor, _occurrence(fixture))
+    line, col = locate(path, anchor)
     outcome = validate(project, path)
     assert_one_problem(outcome, str(path), line, col, *words)
     assert outcome.stderr.strip().endswith("1 problem(s) found")
 
 
-def test_every_broken_journey_fixture_is_covered() -> None:
+def test_every_broken_fixture_is_used_by_a_test() -> None:
     """A fixture added to the corpus without a test would check nothing."""
-    covered = {c[0] for c in JOURNEY_MISTAKES} | {f"{name}.yaml" for name in SPECIAL_JOURNEY_FIXTURES}
-    on_disk = {p.name for p in BROKEN.glob("*.yaml") if not p.name.startswith(("segments_", "loyalty_"))}
-    assert on_disk == covered
+    used = {c[0] for c in [*JOURNEY_MISTAKES, *SYNTAX_MISTAKES, *SEGMENT_MISTAKES, *LOYALTY_MISTAKES,
+                           *TEMPLATE_MISTAKES]} | set(OTHER_FIXTURES)
+    on_disk = {p.relative_to(BROKEN).as_posix().removeprefix("templates/") for p in BROKEN.rglob("*.*")}
+    assert on_disk == used
 
 
-SPECIAL_JOURNEY_FIXTURES = (
-    "yaml_syntax_error", "unclosed_quote", "full_width_colon", "missing_space_after_colon", "tab_indentation",
-    "duplicate_key", "gbk_encoded", "journey_id_taken", "three_mistakes", "mistakes_in_every_check",
+OTHER_FIXTURES = (
+    "config_passed_as_a_journey.yaml", "duplicate_key.yaml", "empty_journey.yaml", "gbk_encoded.yaml",
+    "journey_id_taken.yaml", "three_mistakes.yaml", "mistakes_in_every_check.yaml",
+    "segments_broken_segment_in_use.yaml", "loyalty_two_mistakes.yaml",
 )
 
 
@@ -238,13 +249,16 @@ def test_a_broken_journey_in_the_rules_folder_is_found_without_naming_it(project
 # --------------------------------------------------------------------------- YAML syntax and surprises
 
 
-@pytest.mark.parametrize(("fixture", "anchor", "words"), [
+SYNTAX_MISTAKES = [
     ("yaml_syntax_error.yaml", "     template^:", ["YAML syntax error", "check indentation"]),
     ("unclosed_quote.yaml", 'name: ^"', ["quote opened here is never closed", "add the closing quote"]),
     ("full_width_colon.yaml", "^send：email", ["not a `key: value` pair", "English colon ':'", "'：'"]),
     ("missing_space_after_colon.yaml", "^send:email", ["not a `key: value` pair", "put a space after ':'"]),
     ("tab_indentation.yaml", "^\tevent", ["tab characters", "indent with spaces"]),
-], ids=["bad_indentation", "unclosed_quote", "full_width_colon", "missing_space_after_colon", "tab_indentation"])
+]
+
+
+@pytest.mark.parametrize(("fixture", "anchor", "words"), SYNTAX_MISTAKES, ids=[c[0] for c in SYNTAX_MISTAKES])
 def test_a_yaml_syntax_error_points_at_the_line_to_fix_and_shows_it(
     project: Project, fixture: str, anchor: str, words: list[str]
 ) -> None:
@@ -271,18 +285,25 @@ def test_a_file_not_saved_as_utf8_is_reported_not_a_crash(project: Project) -> N
     assert_one_problem(outcome, str(path), 1, 1, "not UTF-8", "save it as UTF-8")
 
 
+def test_an_empty_journey_file_is_reported_not_passed(project: Project) -> None:
+    """A file of comments only would otherwise validate as "ok" and then never run."""
+    path = BROKEN / "empty_journey.yaml"
+    outcome = validate(project, path)
+    assert_one_problem(outcome, str(path), 1, 1, "the file is empty", "journey:, trigger: and steps:")
+
+
 def test_an_unquoted_time_is_still_a_time(project: Project) -> None:
     """`at: 10:00` without quotes: YAML 1.1 would read 600 (sexagesimal); here it stays 10:00."""
     outcome = validate(project, VALID / "unquoted_time.yaml")
     assert outcome.exit_code == 0, outcome.stdout
-    assert outcome.stdout.startswith("ok: 5 journeys")
+    assert outcome.stdout.startswith(f"ok: {SHIPPED_JOURNEYS + 1} journeys")
 
 
 def test_date_looking_values_stay_text(project: Project) -> None:
     """A name, an event property and a date test written as 2026-01-01 are not turned into date objects."""
     outcome = validate(project, VALID / "date_looking_values.yaml")
     assert outcome.exit_code == 0, outcome.stdout
-    assert outcome.stdout.startswith("ok: 5 journeys")
+    assert outcome.stdout.startswith(f"ok: {SHIPPED_JOURNEYS + 1} journeys")
 
 
 def test_no_is_not_read_as_false(project: Project) -> None:
@@ -324,8 +345,7 @@ def test_a_mistake_of_each_kind_does_not_hide_the_others(project: Project) -> No
     ]
     outcome = validate(project, path)
     assert outcome.exit_code == 1
-    shown = [(int(m["line"]), int(m["col"])) for m in map(PROBLEM.match, outcome.problems) if m]
-    assert shown == [(line, col) for line, col, _ in expected]  # all four, in line order
+    assert positions(outcome) == [(str(path), line, col) for line, col, _ in expected]  # all four, in line order
     for line, col, words in expected:
         assert_problem(outcome, str(path), line, col, words)
 
@@ -341,13 +361,16 @@ def test_a_journey_id_used_twice_names_the_other_file(project: Project) -> None:
 # --------------------------------------------------------------------------- rules/segments.yaml
 
 
-@pytest.mark.parametrize(("fixture", "anchor", "words"), [
+SEGMENT_MISTAKES = [
     ("segments_unknown_reference.yaml", "segment: ^high_valu",
      ["in segment 'high_value_lapsed'", "unknown segment 'high_valu'", "did you mean 'high_value'?"]),
     ("segments_cycle.yaml", "^vip_a:", ["cycle: vip_a → vip_b → vip_a", "remove one of these segment: references"]),
     ("segments_without_condition.yaml", "^big_spenders:", ["segment 'big_spenders' has no condition:", "add one"]),
     ("segments_unknown_key.yaml", "^condtion:", ["unknown key 'condtion'", "did you mean 'condition'?"]),
-], ids=["unknown_reference", "cycle", "without_condition", "unknown_key"])
+]
+
+
+@pytest.mark.parametrize(("fixture", "anchor", "words"), SEGMENT_MISTAKES, ids=[c[0] for c in SEGMENT_MISTAKES])
 def test_a_segments_mistake_is_reported_in_segments_yaml(
     project: Project, fixture: str, anchor: str, words: list[str]
 ) -> None:
@@ -371,17 +394,23 @@ def test_a_journey_using_a_broken_segment_is_told_to_fix_the_segment(project: Pr
     assert "unknown segment" not in message
 
 
-def test_a_segments_file_passed_as_a_journey_says_where_segments_belong(project: Project) -> None:
-    path = BROKEN / "segments_cycle.yaml"
+@pytest.mark.parametrize(("fixture", "anchor", "words"), [
+    ("segments_cycle.yaml", "^segments:", ["holds segments, not a journey", "rules/segments.yaml"]),
+    ("loyalty_unknown_key.yaml", "^tiers:", ["holds loyalty tiers, not a journey", "rules/loyalty.yaml"]),
+    ("config_passed_as_a_journey.yaml", "^database:", ["looks like a config.yaml", "--config FILE validate"]),
+], ids=["segments", "loyalty", "config"])
+def test_a_file_of_another_kind_passed_as_a_journey_gets_one_clear_message(
+    project: Project, fixture: str, anchor: str, words: list[str]
+) -> None:
+    path = BROKEN / fixture
     outcome = validate(project, path)
-    assert_one_problem(outcome, str(path), *locate(path, "^segments:"), "holds segments, not a journey",
-                       "rules/segments.yaml")
+    assert_one_problem(outcome, str(path), *locate(path, anchor), *words)
 
 
 # --------------------------------------------------------------------------- rules/loyalty.yaml
 
 
-@pytest.mark.parametrize(("fixture", "anchor", "occurrence", "words"), [
+LOYALTY_MISTAKES = [
     ("loyalty_thresholds_go_down.yaml", "min_spend: ^2000", 1,
      ["tiers[2].min_spend must be higher than the tier before it", "silver: 5000", "got: 2000",
       "lowest to highest"]),
@@ -390,7 +419,11 @@ def test_a_segments_file_passed_as_a_journey_says_where_segments_belong(project:
     ("loyalty_unknown_key.yaml", "^pionts:", 1, ["unknown key 'pionts'", "did you mean 'points'?"]),
     ("loyalty_discount_as_zhe.yaml", "discount: ^8", 1,
      ["tiers[1].discount must be a number between 0.01 and 1.0", "0.8 means 8折", "got: 8"]),
-], ids=["thresholds_go_down", "first_tier_not_zero", "duplicate_tier_id", "unknown_key", "discount_as_zhe"])
+]
+
+
+@pytest.mark.parametrize(("fixture", "anchor", "occurrence", "words"), LOYALTY_MISTAKES,
+                         ids=[c[0] for c in LOYALTY_MISTAKES])
 def test_a_loyalty_mistake_is_reported_in_loyalty_yaml(
     project: Project, fixture: str, anchor: str, occurrence: int, words: list[str]
 ) -> None:
@@ -398,6 +431,12 @@ def test_a_loyalty_mistake_is_reported_in_loyalty_yaml(
     line, col = locate(path, anchor, occurrence)
     outcome = validate(project, "rules/loyalty.yaml")
     assert_one_problem(outcome, "rules/loyalty.yaml", line, col, *words)
+
+
+def test_an_empty_loyalty_file_is_reported_not_silently_replaced_by_defaults(project: Project) -> None:
+    (project.rules / "loyalty.yaml").write_text("# tiers to follow\n", encoding="utf-8")
+    outcome = validate(project, "rules/loyalty.yaml")
+    assert_one_problem(outcome, "rules/loyalty.yaml", 1, 1, "loyalty.yaml is empty", "tiers:")
 
 
 def test_a_misspelt_loyalty_key_does_not_hide_a_tier_order_mistake(project: Project) -> None:
@@ -421,12 +460,15 @@ def put_template(project: Project, fixture: str, target: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("fixture", "anchor", "words"), [
+TEMPLATE_MISTAKES = [
     ("syntax_error.text.j2", "^{% if", ["template syntax error", "endfi"]),
     ("unknown_variable.text.j2", "{{ ^customer.name", ["unknown variable 'customer'", "templates can use", "member"]),
     ("unknown_filter.text.j2", "^You have", ["unknown filter 'nubmer'", "did you mean 'number'?"]),
-    ("step_variable.text.j2", "{{ ^step.id", ["unknown variable 'step'", "templates can use"]),
-], ids=["syntax_error", "unknown_variable", "unknown_filter", "variable_the_engine_never_provides"])
+    ("step_variable.text.j2", "{{ ^step.id", ["unknown variable 'step'", "templates can use"]),  # never provided
+]
+
+
+@pytest.mark.parametrize(("fixture", "anchor", "words"), TEMPLATE_MISTAKES, ids=[c[0] for c in TEMPLATE_MISTAKES])
 def test_a_template_mistake_is_reported_in_the_template_file(
     own_templates: Project, fixture: str, anchor: str, words: list[str]
 ) -> None:
@@ -487,7 +529,7 @@ def test_validate_without_paths_checks_everything_sorted_by_file_and_line(own_te
     outcome = validate(own_templates)
 
     assert outcome.exit_code == 1
-    found = [(m["file"], int(m["line"]), int(m["col"])) for m in map(PROBLEM.match, outcome.problems) if m]
+    found = positions(outcome)
     assert found == sorted(found)
     assert {file for file, _, _ in found} == {
         "rules/loyalty.yaml", "rules/segments.yaml", "rules/journeys/three_mistakes.yaml",
@@ -501,4 +543,58 @@ def test_validate_with_a_path_reports_only_that_file(project: Project) -> None:
     install(project, "segments_without_condition.yaml", "rules/segments.yaml")
     path = BROKEN / "bad_duration.yaml"
     outcome = validate(project, path)
-    assert [PROBLEM.match(p)["file"] for p in outcome.problems] == [str(path)]  # type: ignore[index]
+    assert [file for file, _, _ in positions(outcome)] == [str(path)]
+
+
+# --------------------------------------------------------------------------- the YAML loader itself
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("at: 10:00", "10:00"),  # YAML 1.1: the number 600
+    ("at: 08:30", "08:30"),
+    ("at: 0800", "0800"),  # YAML 1.1: an octal-looking int
+    ("status: no", "no"),  # YAML 1.1: false
+    ("opt_in: yes", "yes"),  # YAML 1.1: true
+    ("day: 2026-01-01", "2026-01-01"),  # YAML 1.1: a date object
+    ("opt_in: true", True),
+    ("points: 100", 100),
+    ("rate: 0.8", 0.8),
+])
+def test_yaml_values_are_read_as_written(text: str, value: object) -> None:
+    loaded = load_yaml(text)
+    assert list(loaded.values()) == [value]
+    assert type(next(iter(loaded.values()))) is type(value)
+
+
+def test_a_folder_outside_the_rules_is_checked_not_waved_through(project: Project) -> None:
+    """`validate drafts/` on journeys kept outside rules/ loads and checks every YAML file in that folder."""
+    drafts = project.root / "drafts"
+    drafts.mkdir()
+    (drafts / "good.yaml").write_text((REPO / "rules" / "journeys" / "winback.yaml").read_text(encoding="utf-8")
+                                      .replace("journey: winback", "journey: winback_copy"), encoding="utf-8")
+    shutil.copy(BROKEN / "bad_duration.yaml", drafts / "bad_duration.yaml")
+    outcome = validate(project, "drafts")
+    assert outcome.exit_code == 1
+    assert [file for file, _, _ in positions(outcome)] == ["drafts/bad_duration.yaml"]
+
+
+def test_segments_and_loyalty_files_outside_the_rules_are_checked_as_what_they_are(project: Project) -> None:
+    candidate = project.root / "proposal"
+    candidate.mkdir()
+    (candidate / "loyalty.yaml").write_text(
+        "tiers:\n  - {id: regular, name: 普通会员, min_spend: 0}\n  - {id: gold, name: 金卡, min_spend: 20000}\n"
+        "  - {id: silver, name: 银卡, min_spend: 5000}\n", encoding="utf-8")
+    (candidate / "segments.yaml").write_text("segments:\n  loop: {condition: {segment: loop}}\n", encoding="utf-8")
+    outcome = validate(project, "proposal/loyalty.yaml", "proposal/segments.yaml")
+    assert outcome.exit_code == 1
+    files = {file for file, _, _ in positions(outcome)}
+    assert files == {"proposal/loyalty.yaml", "proposal/segments.yaml"}
+    assert any("min_spend must be higher" in p for p in outcome.problems)
+    assert any("cycle" in p for p in outcome.problems)
+
+
+def test_a_file_validate_cannot_check_is_refused(project: Project) -> None:
+    (project.root / "notes.txt").write_text("journey ideas", encoding="utf-8")
+    outcome = validate(project, "notes.txt")
+    assert outcome.exit_code == 1
+    assert "validate checks .yaml rule files" in outcome.stderr
