@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +25,8 @@ from engine.queries import BulkWriter
 
 GENESIS = "0" * 64
 MESSAGE_COLUMNS = tuple(c.name for c in messages.columns)
-_TIME_COLUMNS = frozenset(c.name for c in messages.columns if isinstance(c.type, UTCDateTime))
+_TIME_INDEXES = tuple(i for i, c in enumerate(messages.columns) if isinstance(c.type, UTCDateTime))
+_ALL_VALUES = itemgetter(*MESSAGE_COLUMNS)
 CONTENT_FIELDS = ("recipient", "subject", "body", "html", "template", "locale", "variant")
 
 
@@ -72,8 +74,12 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
         inserted.append(row)
     if inserted:
         writer = BulkWriter(dialect)
-        conn_rows = [tuple(writer.ts(r[c]) if c in _TIME_COLUMNS else r[c] for c in MESSAGE_COLUMNS)
-                     for r in inserted]
+        conn_rows = []
+        for r in inserted:
+            values = list(_ALL_VALUES(r))
+            for index in _TIME_INDEXES:
+                values[index] = writer.ts(values[index])
+            conn_rows.append(tuple(values))
         writer.insert(conn, "messages", MESSAGE_COLUMNS, conn_rows)
         conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_seq=seq, last_hash=prev))
     return inserted

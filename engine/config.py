@@ -35,7 +35,7 @@ class DatabaseConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     interval: int = Field(60, gt=0, description="seconds between ticks")
-    batch_size: int = Field(500, gt=0, le=10_000)
+    batch_size: int = Field(1000, gt=0, le=10_000)
     lease_seconds: int = Field(300, gt=0)
     # Events older than this when a tick first sees them (an import of history) never start a journey;
     # they still count for exits and goals.

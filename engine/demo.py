@@ -14,7 +14,6 @@ beside it), and its messages go to outbox files, never to a provider.
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import json
 import math
@@ -38,12 +37,13 @@ from channels.local import OutboxChannel
 from engine import funnel
 from engine.app import App
 from engine.config import Config
-from engine.exceptions import AlreadyRunning, InputError
+from engine.exceptions import InputError
 from engine.ingest import ImportReport, parse_member, record_events, upsert_members
 from engine.loyalty import Loyalty
 from engine.models import MessageStatus, messages
 from engine.report import TickReport
 from engine.simulate import simulate
+from engine.store import Store
 
 TICK = timedelta(hours=3)  # 720 ticks for 90 days keep the default demo well under a minute
 NEW_MEMBER_SHARE = 0.1  # of --members, signing up during the window (the welcome journey's audience)
@@ -122,8 +122,9 @@ class World:
             zone = "Asia/Singapore" if abroad else "Asia/Shanghai"
             phone = _valid_phone(rng, "+65" + rng.choice("89"), 7) if abroad else \
                 _valid_phone(rng, rng.choice(CN_MOBILE), 8)  # written the Chinese way, without +86
+            city = "新加坡" if abroad else rng.choice(CN_CITIES)
             raw: dict[str, Any] = {"name": surname + given, "locale": "zh-CN", "timezone": zone, "phone": phone,
-                   "city": "新加坡" if abroad else rng.choice(CN_CITIES)}
+                                   "city": city}
             local = rng.choice([f"{s_py}{g_py}{rng.randint(1, 999)}", f"{g_py}.{s_py}{rng.randint(60, 99)}"])
         else:
             first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
@@ -295,12 +296,14 @@ def _database_file(config: Config) -> Path:
 def _prepare_files(config: Config, db: Path, members: int, seed: int) -> dict[str, Path]:
     """Delete an earlier demo's database and outboxes; refuse to touch files the demo did not make."""
     marker = db.with_name(db.name + ".demo")
-    ours: list[str] = json.loads(marker.read_text(encoding="utf-8")).get("files", []) if marker.exists() else []
+    ours = _files_made_by_demo(marker)
     database = [db.with_name(db.name + suffix) for suffix in ("", "-wal", "-shm", ".lock")]
     if any(p.exists() for p in database[:3]) and str(db) not in ours:
         raise InputError(f"{db} already exists and was not made by the demo, which only rebuilds its own "
                          f"databases; run it on another file: python run.py --db sqlite:///var/demo.db demo")
-    _refuse_if_running(database[3])
+    guard = Store(f"sqlite:///{db}")  # refuses, naming the holder, while a daemon works on this file
+    guard.acquire_process_lock("demo")
+    guard.close()
     outboxes = {channel: config.outbox_path(channel) for channel in CHANNELS}
     if any(p.exists() and str(p) not in ours for p in outboxes.values()):
         # Never mix demo messages into a real outbox: keep them beside the demo database instead.
@@ -314,17 +317,12 @@ def _prepare_files(config: Config, db: Path, members: int, seed: int) -> dict[st
     return outboxes
 
 
-def _refuse_if_running(lock: Path) -> None:
-    if not lock.exists():
-        return
-    with lock.open("a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise AlreadyRunning(f"another engine process ({handle.read().strip() or 'unknown'}) is working on "
-                                 f"{lock.with_suffix('')}; stop it before rebuilding the demo") from None
-        fcntl.flock(handle, fcntl.LOCK_UN)
+def _files_made_by_demo(marker: Path) -> list[str]:
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):  # no marker, or not one we wrote: nothing is ours
+        return []
+    return [str(f) for f in files] if isinstance(files, list) else []
 
 
 # --------------------------------------------------------------------------- the run
@@ -335,7 +333,7 @@ class Driver:
 
     def __init__(self, app: App, world: World, days: int, echo: Callable[[str], None]) -> None:
         self.app, self.world, self.echo = app, world, echo
-        self.loyalty = app.rules().loyalty
+        self.loyalty = world.loyalty
         self.recorded = ImportReport()
         self.counts: Counter[str] = Counter()
         self.seen_from = world.start

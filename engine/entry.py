@@ -104,7 +104,8 @@ class EntryPhase:
 
     def _match(self, conn: Connection, ids: list[int], now: datetime, running: list[LiveJourney],
                report: TickReport) -> None:
-        batch = [dict(r) for r in conn.execute(select(events).where(events.c.id.in_(ids)).order_by(events.c.id))
+        batch = [dict(r) for r in conn.execute(select(events).where(events.c.id.in_(ids))
+                                               .order_by(events.c.occurred_at, events.c.id))
                  .mappings()]
         member_ids = list({e["member_id"] for e in batch})
         people = {r["id"]: dict(r) for r in conn.execute(

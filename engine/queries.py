@@ -10,9 +10,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, literal_column, or_, select, update
 
 from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, messages
+
+# Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
+# query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
+_ACTIVE = literal_column(f"'{EnrollmentStatus.ACTIVE.value}'")
+_QUEUED = literal_column(f"'{MessageStatus.QUEUED.value}'")
 
 UNKNOWN_EXPLANATION = ("the engine stopped after handing this message to the channel and before the answer was "
                        "recorded; it was not re-sent — check with the provider before sending again")
@@ -22,11 +27,14 @@ def claim_due_enrollments(conn: Connection, worker: str, now: datetime, lease_un
                           journeys: Collection[str]) -> list[int]:
     if not journeys:
         return []
+    # On SQLite, "+journey_id" keeps the planner off the (journey_id, member_id) index, which would make every
+    # batch scan and sort all of a journey's active enrollments; the due index gives them in order instead.
+    journey = literal_column("+enrollments.journey_id") if conn.dialect.name == "sqlite" else enrollments.c.journey_id
     due = (
         select(enrollments.c.id)
-        .where(enrollments.c.status == EnrollmentStatus.ACTIVE.value,
+        .where(enrollments.c.status == _ACTIVE,
                enrollments.c.next_run_at <= now,
-               enrollments.c.journey_id.in_(list(journeys)),
+               journey.in_(list(journeys)),
                or_(enrollments.c.claimed_until.is_(None), enrollments.c.claimed_until < now))
         .order_by(enrollments.c.next_run_at, enrollments.c.id)
         .limit(limit)
@@ -41,7 +49,7 @@ def claim_queued_messages(conn: Connection, worker: str, now: datetime, lease_un
                           limit: int) -> list[int]:
     due = (
         select(messages.c.id)
-        .where(messages.c.status == MessageStatus.QUEUED.value, messages.c.next_attempt_at <= now)
+        .where(messages.c.status == _QUEUED, messages.c.next_attempt_at <= now)
         .order_by(messages.c.next_attempt_at, messages.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -53,10 +61,14 @@ def claim_queued_messages(conn: Connection, worker: str, now: datetime, lease_un
 
 
 def claim_unhandled_events(conn: Connection, now: datetime, limit: int) -> list[int]:
-    """Events that happened by NOW and that no tick has matched yet, locked until the caller commits."""
+    """Events that happened by NOW and that no tick has matched yet, oldest first, locked until the caller commits.
+
+    Ordered by occurred_at so that the partial index ix_events_unhandled serves the query: ordering by id alone
+    made SQLite scan the whole events table on every tick.
+    """
     stmt = (select(events.c.id)
             .where(events.c.handled_at.is_(None), events.c.occurred_at <= now)
-            .order_by(events.c.id).limit(limit).with_for_update(skip_locked=True))
+            .order_by(events.c.occurred_at, events.c.id).limit(limit).with_for_update(skip_locked=True))
     return [int(i) for i in conn.execute(stmt).scalars()]
 
 
@@ -87,13 +99,19 @@ class BulkWriter:
     def __init__(self, dialect: str) -> None:
         self.sqlite = dialect == "sqlite"
         self.mark = "?" if self.sqlite else "%s"
+        self._last_in: datetime | None = None
+        self._last_out: object = None
 
     def ts(self, value: datetime | None) -> object:
         """An aware datetime as the UTCDateTime column stores it (naive UTC; text on SQLite)."""
         if value is None:
             return None
+        if value is self._last_in:  # a batch stamps most rows with the same few instants
+            return self._last_out
         naive = value.astimezone(UTC).replace(tzinfo=None)
-        return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
+        out = naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
+        self._last_in, self._last_out = value, out
+        return out
 
     def _sql(self, template: str, names: tuple[str, ...]) -> str:
         return template.format(columns=", ".join(names), marks=", ".join([self.mark] * len(names)),

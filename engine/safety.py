@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select, tuple_
+from sqlalchemy import Connection, func, select
 
 from engine.config import Config, FrequencyCap
 from engine.models import MessageStatus, messages, suppressions
@@ -105,13 +105,17 @@ class CapCounter:
 
 
 def suppressed_addresses(conn: Connection, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    wanted = list(set(pairs))
+    by_channel: dict[str, set[str]] = defaultdict(set)
+    for channel, address in pairs:
+        by_channel[channel].add(address)
     found: set[tuple[str, str]] = set()
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start:start + 500]
-        rows = conn.execute(select(suppressions.c.channel, suppressions.c.address)
-                            .where(tuple_(suppressions.c.channel, suppressions.c.address).in_(chunk)))
-        found.update((c, a) for c, a in rows)
+    for channel, addresses in by_channel.items():
+        wanted = sorted(addresses)
+        for start in range(0, len(wanted), 900):
+            # (channel, address) is the unique index: one index probe per address.
+            rows = conn.execute(select(suppressions.c.address).where(
+                suppressions.c.channel == channel, suppressions.c.address.in_(wanted[start:start + 900])))
+            found.update((channel, a) for a in rows.scalars())
     return found
 
 
