@@ -13,8 +13,8 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from operator import itemgetter
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, select, update

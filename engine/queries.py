@@ -11,13 +11,14 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, literal_column, or_, select, update
+from sqlalchemy.sql.elements import ColumnClause
 
 from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, messages
 
 # Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
 # query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
-_ACTIVE = literal_column(f"'{EnrollmentStatus.ACTIVE.value}'")
-_QUEUED = literal_column(f"'{MessageStatus.QUEUED.value}'")
+_ACTIVE: ColumnClause[str] = literal_column(f"'{EnrollmentStatus.ACTIVE.value}'")
+_QUEUED: ColumnClause[str] = literal_column(f"'{MessageStatus.QUEUED.value}'")
 
 UNKNOWN_EXPLANATION = ("the engine stopped after handing this message to the channel and before the answer was "
                        "recorded; it was not re-sent — check with the provider before sending again")
