@@ -223,6 +223,8 @@ class Message(Base):
     hash: Mapped[str] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
     redacted: Mapped[bool] = mapped_column(Boolean, default=False)
+    segments: Mapped[int | None] = mapped_column(Integer)  # SMS: parts billed (GSM-7 160/153, UCS-2 70/67)
+    encoding: Mapped[str | None] = mapped_column(String(8))  # SMS: gsm7 | ucs2
 
     __table_args__ = (
         UniqueConstraint("journey", "enrollment_id", "step", name="uq_messages_once"),
@@ -232,7 +234,21 @@ class Message(Base):
               postgresql_where=text("status = 'queued'")),
         Index(None, "journey", "created_at"),
         Index(None, "created_at"),
+        Index(None, "provider_id"),  # provider webhooks find their message by the provider's id
     )
+
+
+class WebhookReceipt(Base):
+    """Provider callbacks already applied: providers retry and resend, each is applied once."""
+
+    __tablename__ = "webhook_receipts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    event_key: Mapped[str] = mapped_column(String(200))
+    received_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("provider", "event_key"),)
 
 
 class AuditHead(Base):
@@ -266,3 +282,4 @@ enrollments = cast(Table, Enrollment.__table__)
 messages = cast(Table, Message.__table__)
 audit_head = cast(Table, AuditHead.__table__)
 suppressions = cast(Table, Suppression.__table__)
+webhook_receipts = cast(Table, WebhookReceipt.__table__)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, select
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
-from engine import audit, queries
+from engine import audit, queries, sms
 from engine import unsubscribe as unsub
 from engine.conditions import evaluate
 from engine.context import ContextBuilder
@@ -186,6 +186,7 @@ class Runner:
             "html": None, "status": verdict.status.value, "reason": verdict.reason, "error": verdict.error,
             "provider_id": None, "attempts": 0, "next_attempt_at": verdict.not_before, "created_at": now,
             "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
+            "segments": None, "encoding": None,
         }
         if verdict.status is MessageStatus.SUPPRESSED:
             return row
@@ -200,6 +201,8 @@ class Runner:
             log.warning("journey %s step %s: %s", live.id, step.id, exc)
             return row
         row.update(locale=rendered.locale, subject=rendered.subject, body=rendered.text, html=rendered.html)
+        if step.channel == "sms":
+            row["segments"], row["encoding"] = sms.segments(rendered.text)
         if verdict.status is MessageStatus.SENDING:
             row.update(claimed_by=self.worker,
                        claimed_until=now + timedelta(seconds=self.app.config.scheduler.lease_seconds))
