@@ -34,6 +34,10 @@ class SendResult:
     provider_id: str | None = None
     error: str | None = None
     retry_after: float | None = None  # seconds, when the provider said so
+    # A permanent answer that also means "never send to this address again" (e.g. Twilio 21610, the recipient
+    # replied STOP; an address the provider has on its own suppression list): the log row becomes
+    # ``suppressed`` with this reason and the address joins our suppression list.
+    suppress_reason: str | None = None
 
     @property
     def sent(self) -> bool:

@@ -57,9 +57,16 @@ class ChannelConfig(_Strict):
     webhook_public_key: str | None = None
     sender: str | None = Field(None, alias="from")
     base_url: str | None = None
-    rate_per_second: float | None = Field(None, gt=0)
+    # Messages per second through this channel: omitted = the provider's documented default for the sender
+    # type, 0 = no limit (for sandboxes and benchmarks).
+    rate_per_second: float | None = Field(None, ge=0)
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
+    max_attempts: int = Field(5, ge=1, le=20, description="tries for a transient failure before it is failed")
     path: str | None = Field(None, description="outbox file (outbox provider)")
     timeout: float = Field(10.0, gt=0)
+    # SMS only: the reply to HELP, and a hint appended to marketing SMS that lack one.
+    help_reply: str = "会员中心：回复 TD 退订，回复 START 重新订阅。Reply STOP to opt out, START to opt back in."
+    opt_out_hint: dict[str, str] = {"zh": "回T退订", "en": "Reply STOP to opt out"}
 
 
 class ChannelsConfig(_Strict):
@@ -88,6 +95,7 @@ class WebConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     public_url: str = "http://127.0.0.1:8080"
     api_token: str | None = None
+    webhook_max_age: int = Field(300, gt=0, description="seconds a signed webhook stays acceptable (replays)")
 
 
 class QuietHours(_Strict):

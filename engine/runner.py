@@ -28,7 +28,7 @@ from engine.exceptions import TemplateRenderError
 from engine.journey import EndStep, IfStep, SendStep, WaitStep
 from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, members, messages
 from engine.report import TickReport
-from engine.safety import Rails, Reason, Verdict
+from engine.safety import Rails, Reason, Verdict, add_suppressions
 from engine.timeutil import zone
 from engine.versions import LiveJourney, VersionCache
 
@@ -107,6 +107,7 @@ class Runner:
         self.worker = worker
         self.cache: VersionCache = app.versions
         self._links: dict[tuple[str, str], str] = {}
+        self._new_suppressions: list[tuple[str, str, str]] = []
 
     # ------------------------------------------------------------------ enrollments
 
@@ -267,9 +268,12 @@ class Runner:
                       "_attempts": attempts, "_sent": None, "_next": None, "_reason": row.get("reason")}
         if result.sent:
             update_row.update(_status=MessageStatus.SENT.value, _sent=now)
+        elif result.suppress_reason:
+            update_row.update(_status=MessageStatus.SUPPRESSED.value, _reason=result.suppress_reason)
+            self._new_suppressions.append((row["channel"], row["recipient"], result.suppress_reason))
         elif result.error and result.error.startswith("unknown:"):
             update_row.update(_status=MessageStatus.UNKNOWN.value)
-        elif result.outcome is Outcome.TRANSIENT and attempts < MAX_ATTEMPTS:
+        elif result.outcome is Outcome.TRANSIENT and attempts < self._max_attempts(row["channel"]):
             delay = timedelta(seconds=result.retry_after) if result.retry_after else backoff(attempts)
             update_row.update(_status=MessageStatus.QUEUED.value, _next=now + delay, _reason="retry")
         elif result.outcome is Outcome.TRANSIENT:
@@ -280,7 +284,14 @@ class Runner:
         report.add(update_row["_status"])
         return update_row
 
+    def _max_attempts(self, channel: str) -> int:
+        settings = getattr(self.app.config.channels, channel, None)
+        return int(settings.max_attempts) if settings is not None else MAX_ATTEMPTS
+
     def _save_results(self, conn: Connection, updates: list[dict[str, Any]], now: datetime) -> None:
+        if self._new_suppressions:
+            add_suppressions(conn, self.app.store.dialect, self._new_suppressions, "provider", now)
+            self._new_suppressions = []
         w = queries.BulkWriter(self.app.store.dialect)
         stamp = w.ts(now)
         w.update_by_id(conn, "messages", _RESULT_COLUMNS, [

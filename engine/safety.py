@@ -13,6 +13,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.config import Config, FrequencyCap
 from engine.models import MessageStatus, messages, suppressions
@@ -102,6 +103,15 @@ class CapCounter:
     def add(self, member_id: str, channel: str) -> None:
         for index in range(len(self.caps)):
             self.counts[(index, member_id, channel)] += 1
+
+
+def add_suppressions(conn: Connection, dialect: str, entries: Iterable[tuple[str, str, str]], source: str,
+                     now: datetime) -> None:
+    """Add (channel, address, reason) entries; an address already listed keeps its first reason."""
+    rows = [{"channel": c, "address": a, "reason": r, "source": source, "created_at": now} for c, a, r in entries if a]
+    if rows:
+        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        conn.execute(insert(suppressions).on_conflict_do_nothing(), rows)
 
 
 def suppressed_addresses(conn: Connection, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -143,3 +143,18 @@ def test_on_sqlite_a_second_engine_process_refuses_to_start(tmp_path: Path) -> N
     first.close()
     second.store.acquire_process_lock("tick")  # free again once the first one stopped
     second.close()
+
+
+def test_a_provider_unsubscribed_answer_suppresses_the_row_and_the_address(harness: Harness) -> None:
+    harness.members(LAPSED[0], LAPSED[1])
+    harness.email.script = [SendResult(Outcome.PERMANENT, error="21610: recipient unsubscribed",
+                                       suppress_reason="unsubscribed")]
+    harness.tick(NOON)
+    rows = {r["member_id"]: r for r in harness.log()}
+    assert (rows["w0"]["status"], rows["w0"]["reason"]) == ("suppressed", "unsubscribed")
+    assert rows["w1"]["status"] == "sent"
+    # The address is now on the suppression list: a later journey's message to it is suppressed before sending.
+    harness.members({**LAPSED[0], "id": "w0-again"})
+    harness.tick(harness.at(NOON) + timedelta(days=200))
+    later = [r for r in harness.log() if r["member_id"] == "w0-again"]
+    assert [(r["status"], r["reason"]) for r in later] == [("suppressed", "suppression_list")]
