@@ -109,6 +109,7 @@ class Journey:
     exit_when: ExitRule | None = None
     goal: Goal | None = None
     source: str = ""
+    category: str = "marketing"  # transactional messages are exempt from frequency caps and opt-out hints
     definition: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -211,7 +212,8 @@ _MISSING_HINTS = {
     "trigger": "; add trigger: with one of event:, segment: or date:",
     "steps": "; add steps: with at least one step such as - {id: first_touch, send: email, template: ...}",
 }
-_TOP = ("journey", "name", "description", "status", "trigger", "entry", "exit_when", "goal", "steps")
+_TOP = ("journey", "name", "description", "status", "category", "trigger", "entry", "exit_when", "goal", "steps")
+CATEGORIES = ("marketing", "transactional")
 
 
 def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | None:
@@ -232,6 +234,10 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
     status = data.get("status", "active")
     if status not in STATUSES:
         ctx.add(vmark(data, "status"), f"status must be one of active, paused, draft, got: {status!r}")
+    category = data.get("category", "marketing")
+    if category not in CATEGORIES:
+        ctx.add(vmark(data, "category"), "category must be marketing (counts against frequency caps, gets an SMS "
+                f"opt-out hint) or transactional (exempt from both), got: {category!r}")
     trigger = _trigger(ctx, data.get("trigger"), vmark(data, "trigger")) if "trigger" in data else None
     entry = _entry(ctx, data.get("entry", {}))
     exit_rule = _exit(ctx, data["exit_when"]) if "exit_when" in data else None
@@ -242,7 +248,7 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
         return None
     journey = Journey(
         id=str(journey_id), name=str(name), status=str(status), trigger=trigger, entry=entry,
-        steps=tuple(steps), exit_when=exit_rule, goal=goal, source=source,
+        steps=tuple(steps), exit_when=exit_rule, goal=goal, source=source, category=str(category),
         definition=_plain(data),
     )
     _check_graph(ctx, journey, data.get("steps"))

@@ -225,6 +225,7 @@ class Message(Base):
     redacted: Mapped[bool] = mapped_column(Boolean, default=False)
     segments: Mapped[int | None] = mapped_column(Integer)  # SMS: parts billed (GSM-7 160/153, UCS-2 70/67)
     encoding: Mapped[str | None] = mapped_column(String(8))  # SMS: gsm7 | ucs2
+    category: Mapped[str] = mapped_column(String(16), default="marketing", server_default="marketing")
 
     __table_args__ = (
         UniqueConstraint("journey", "enrollment_id", "step", name="uq_messages_once"),

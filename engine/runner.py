@@ -179,7 +179,8 @@ class Runner:
 
     def _message_row(self, live: LiveJourney, member: Mapping[str, Any], step: SendStep, now: datetime,
                      rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any]) -> dict[str, Any]:
-        verdict, address = rails.check(member, step.channel, now)
+        category = live.journey.category
+        verdict, address = rails.check(member, step.channel, now, category)
         row: dict[str, Any] = {
             "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
             "journey_version": live.version, "step": step.id, "channel": step.channel, "template": step.template,
@@ -187,7 +188,7 @@ class Runner:
             "html": None, "status": verdict.status.value, "reason": verdict.reason, "error": verdict.error,
             "provider_id": None, "attempts": 0, "next_attempt_at": verdict.not_before, "created_at": now,
             "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
-            "segments": None, "encoding": None,
+            "segments": None, "encoding": None, "category": category,
         }
         if verdict.status is MessageStatus.SUPPRESSED:
             return row
@@ -202,12 +203,22 @@ class Runner:
             log.warning("journey %s step %s: %s", live.id, step.id, exc)
             return row
         row.update(locale=rendered.locale, subject=rendered.subject, body=rendered.text, html=rendered.html)
+        if step.channel == "sms" and category == "marketing":
+            row["body"] = self._with_opt_out_hint(rendered.text, rendered.locale)
         if step.channel == "sms":
-            row["segments"], row["encoding"] = sms.segments(rendered.text)
+            row["segments"], row["encoding"] = sms.segments(row["body"])
         if verdict.status is MessageStatus.SENDING:
             row.update(claimed_by=self.worker,
                        claimed_until=now + timedelta(seconds=self.app.config.scheduler.lease_seconds))
         return row
+
+    def _with_opt_out_hint(self, text: str, locale: str) -> str:
+        """Marketing SMS must tell people how to opt out: append the programme's hint unless the text has one."""
+        if sms.has_opt_out_hint(text):
+            return text
+        hints = self.app.config.channels.sms.opt_out_hint
+        hint = hints.get(locale) or hints.get(locale.split("-")[0]) or next(iter(hints.values()), "")
+        return f"{text} {hint}".strip() if hint else text
 
     def _unsubscribe_link(self, member_id: str, channel: str) -> str:
         key = (member_id, channel)

@@ -10,8 +10,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
+from functools import lru_cache
 from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Connection, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -45,6 +47,15 @@ class Verdict:
 def _hhmm(text: str) -> time:
     hours, minutes = text.split(":")
     return time(int(hours), int(minutes))
+
+
+@lru_cache(maxsize=65536)
+def _valid_email(address: str) -> bool:
+    try:
+        validate_email(address, check_deliverability=False)
+    except EmailNotValidError:
+        return False
+    return True
 
 
 class QuietHours:
@@ -83,6 +94,7 @@ class CapCounter:
             since = now - cap.window
             stmt = (select(messages.c.member_id, messages.c.channel, func.count())
                     .where(messages.c.member_id.in_(ids), messages.c.created_at > since,
+                           messages.c.category == "marketing",
                            messages.c.status.in_([s.value for s in COUNTED]))
                     .group_by(messages.c.member_id, messages.c.channel))
             for member_id, channel, count in conn.execute(stmt):
@@ -147,23 +159,28 @@ class Rails:
         pairs += [("sms", m["phone"]) for m in rows if m.get("phone")]
         self.suppressed = suppressed_addresses(conn, pairs) if pairs else set()
 
-    def check(self, member: Mapping[str, Any], channel: str, now: datetime) -> tuple[Verdict, str | None]:
+    def check(self, member: Mapping[str, Any], channel: str, now: datetime,
+              category: str = "marketing") -> tuple[Verdict, str | None]:
         """The verdict and the recipient address for one message."""
         address = member.get("email") if channel == "email" else member.get("phone")
         if not address:
             kind = "email address" if channel == "email" else "phone number"
             return Verdict(MessageStatus.SUPPRESSED, Reason.INVALID_ADDRESS, f"member has no {kind}"), None
+        if channel == "email" and not _valid_email(address):
+            return Verdict(MessageStatus.SUPPRESSED, Reason.INVALID_ADDRESS,
+                           f"{address!r} is not a valid email address"), address
         opted_in = member.get("email_opt_in") if channel == "email" else member.get("sms_opt_in")
         if not opted_in:
             return Verdict(MessageStatus.SUPPRESSED, Reason.CONSENT, f"member has not opted in to {channel}"), address
         if (channel, address) in self.suppressed:
             return Verdict(MessageStatus.SUPPRESSED, Reason.SUPPRESSED_ADDRESS,
                            f"{channel} address is on the suppression list"), address
-        cap = self.caps.exceeded(member["id"], channel)
-        if cap is not None:
-            return Verdict(MessageStatus.SUPPRESSED, Reason.FREQUENCY_CAP,
-                           f"frequency cap: at most {cap.max} {cap.channel} messages per {cap.per}"), address
-        self.caps.add(member["id"], channel)
+        if category == "marketing":
+            cap = self.caps.exceeded(member["id"], channel)
+            if cap is not None:
+                return Verdict(MessageStatus.SUPPRESSED, Reason.FREQUENCY_CAP,
+                               f"frequency cap: at most {cap.max} {cap.channel} messages per {cap.per}"), address
+            self.caps.add(member["id"], channel)
         if self.quiet is not None:
             release = self.quiet.release(now, member.get("timezone"), self.config.default_timezone)
             if release is not None:

@@ -28,3 +28,11 @@ def segments(text: str) -> tuple[int, str]:
     if units <= single:
         return 1, kind
     return math.ceil(units / multi), kind
+
+
+_HINTS = ("回T退订", "退订回T", "回TD退订", "退订", "STOP")
+
+
+def has_opt_out_hint(text: str) -> bool:
+    upper = text.upper()
+    return any(hint in upper for hint in _HINTS)

@@ -153,3 +153,74 @@ def test_the_third_message_in_seven_days_across_journeys_is_suppressed(capped: H
     assert capped.steps_sent("lin") == [("welcome", "welcome_email"), ("birthday", "birthday_email"),
                                         ("tier_upgrade", "congrats_email")]
     assert statuses(capped, "lin")["congrats_sms"] == ("suppressed", "frequency_cap")
+
+
+# --------------------------------------------------------------------------- more rails
+
+
+def test_quiet_hours_release_at_local_8am_across_the_spring_forward_change(harness: Harness) -> None:
+    """London springs forward on 29 March 2026 at 01:00: a message held from 23:30 on the 28th goes out at 08:00
+    BST, which is 07:00 UTC — not at 08:00 UTC, as it would with a fixed offset."""
+    harness.members(member("amy", "Amy", birthday="1990-03-28", timezone="Europe/London", locale="en",
+                           phone="+447911123456", sms_opt_in=False))
+    harness.tick("2026-03-28T10:01:00Z")  # birthday 10:00 London (GMT): sends at once
+    assert [m.step for m in harness.sent()] == ["birthday_email"]
+    harness.members(member("bea", "Bea", timezone="Europe/London", locale="en", phone="+447911123457",
+                           sms_opt_in=False, last_order_at="2025-01-01T00:00:00Z"))
+    harness.tick("2026-03-28T23:30:00Z")  # 23:30 GMT: inside quiet hours, the win-back email waits
+    [held] = harness.log(member_id="bea")
+    assert (held["status"], held["reason"]) == ("queued", "quiet_hours")
+    assert held["next_attempt_at"] == datetime(2026, 3, 29, 7, 0, tzinfo=UTC)
+    harness.tick("2026-03-29T06:59:00Z")
+    assert harness.log(member_id="bea")[0]["status"] == "queued"
+    harness.tick("2026-03-29T07:00:30Z")
+    assert harness.log(member_id="bea")[0]["status"] == "sent"
+
+
+def test_marketing_sms_gets_the_opt_out_hint_once(harness: Harness) -> None:
+    """The shipped Chinese SMS already ends with 回T退订: it is not added twice. An English SMS without a hint
+    gets the configured one."""
+    harness.members(member("zh", "林小雨", birthday="1990-05-20"),
+                    member("en", "Amy", birthday="1990-05-20", locale="en", phone="13800138001"))
+    harness.tick(BIRTHDAY_TICK)
+    texts = {m.member_id: m.text for m in harness.sent("sms")}
+    assert texts["zh"].count("回T退订") == 1
+    assert texts["en"].endswith("Reply STOP to opt out") and texts["en"].count("STOP") == 1
+
+
+def test_an_email_address_that_is_not_valid_is_never_sent_to(harness: Harness) -> None:
+    harness.members(member("bad", "Bad Address", birthday="1990-05-20", sms_opt_in=False))
+    with harness.app.store.begin() as conn:  # written by another system, bypassing import validation
+        from sqlalchemy import update
+
+        from engine.models import members
+        conn.execute(update(members).where(members.c.id == "bad").values(email="bad@@example"))
+    harness.tick(BIRTHDAY_TICK)
+    assert statuses(harness, "bad")["birthday_email"] == ("suppressed", "invalid_address")
+    assert harness.sent() == []
+
+
+def test_transactional_messages_are_exempt_from_caps_and_do_not_use_them_up(tmp_path: Path, db_url: str) -> None:
+    """With at most 1 marketing message a week: the order confirmation (transactional) still goes after the
+    birthday email, and does not count — the cap stops only the second marketing message."""
+    import shutil
+
+    from engine.testing import REPO
+
+    rules = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", rules)
+    (rules / "journeys" / "order_confirmation.yaml").write_text(
+        "journey: order_confirmation\nname: 订单确认\ncategory: transactional\n"
+        "trigger: {event: purchase}\nentry: {reentry: always}\n"
+        "steps:\n  - id: confirm\n    send: email\n    template: welcome/first_order_coupon\n", encoding="utf-8")
+    h = Harness(tmp_path, db_url, rules=rules,
+                config={"frequency_caps": [{"channel": "email", "max": 1, "per": "7d"}]})
+    h.members(member("lin", "林小雨", birthday="1990-05-20", sms_opt_in=False, total_spend=4900))
+    h.tick(BIRTHDAY_TICK)
+    h.event("lin", "purchase", "2026-05-20T11:00:00+08:00", amount=200, order_id="O-1")  # → silver
+    h.tick("2026-05-20T11:05:00+08:00")
+    got = {r["step"]: (r["status"], r["reason"] if r["status"] != "sent" else None) for r in h.log()}
+    assert got == {"birthday_email": ("sent", None), "birthday_sms": ("suppressed", "consent"),
+                   "confirm": ("sent", None), "congrats_email": ("suppressed", "frequency_cap"),
+                   "congrats_sms": ("suppressed", "consent")}
+    h.close()

@@ -32,6 +32,7 @@ def upgrade() -> None:
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.add_column(sa.Column('segments', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('encoding', sa.String(length=8), nullable=True))
+        batch_op.add_column(sa.Column('category', sa.String(length=16), server_default='marketing', nullable=False))
         batch_op.create_index(batch_op.f('ix_messages_provider_id'), ['provider_id'], unique=False)
 
 
@@ -41,6 +42,7 @@ def downgrade() -> None:
 
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_messages_provider_id'))
+        batch_op.drop_column('category')
         batch_op.drop_column('encoding')
         batch_op.drop_column('segments')
 
