@@ -87,19 +87,15 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
 
 def _existing_keys(conn: Connection, keys: list[tuple[str, int, str]]) -> set[tuple[str, int, str]]:
     """Which at-most-once keys are already logged (only after a crash mid-batch are there any)."""
-    by_journey: dict[str, set[int]] = {}
-    for journey, enrollment_id, _ in keys:
-        by_journey.setdefault(journey, set()).add(enrollment_id)
+    ordered = sorted({enrollment_id for _, enrollment_id, _ in keys})
     existing: set[tuple[str, int, str]] = set()
-    for journey, ids in by_journey.items():
-        ordered = sorted(ids)
-        for start in range(0, len(ordered), 900):
-            # (journey, enrollment_id) is the prefix of the uq_messages_once index: an index range per id.
-            found = conn.execute(
-                select(messages.c.enrollment_id, messages.c.step)
-                .where(messages.c.journey == journey, messages.c.enrollment_id.in_(ordered[start:start + 900]))
-            ).all()
-            existing.update((journey, int(e), s) for e, s in found)
+    for start in range(0, len(ordered), 900):
+        # Enrollment ids are unique across journeys; ix_messages_enrollment_id makes this one probe per id.
+        found = conn.execute(
+            select(messages.c.journey, messages.c.enrollment_id, messages.c.step)
+            .where(messages.c.enrollment_id.in_(ordered[start:start + 900]))
+        ).all()
+        existing.update((j, int(e), s) for j, e, s in found)
     return existing
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, exists, false, func, literal, or_, select, true, update
@@ -81,7 +81,7 @@ def _enrollment(live: LiveJourney, member_id: str, trigger_key: str, now: dateti
     return {"journey_id": live.id, "journey_version": live.version, "member_id": member_id,
             "trigger_key": trigger_key, "event_id": event_id, "status": ACTIVE, "step": live.journey.first_step,
             "next_run_at": now, "entered_at": now, "ended_at": None, "exit_reason": None, "converted_at": None,
-            "variant": None, "claimed_by": None, "claimed_until": None}
+            "variant": None, "waiting_for": None, "claimed_by": None, "claimed_until": None}
 
 
 class EntryPhase:
@@ -113,7 +113,7 @@ class EntryPhase:
         open_rows = [dict(r) for r in conn.execute(
             select(enrollments.c.id, enrollments.c.journey_id, enrollments.c.journey_version,
                    enrollments.c.member_id, enrollments.c.status, enrollments.c.entered_at,
-                   enrollments.c.converted_at)
+                   enrollments.c.converted_at, enrollments.c.step, enrollments.c.waiting_for)
             .where(enrollments.c.member_id.in_(member_ids),
                    or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings()]
         triggered = [j for j in running if isinstance(j.journey.trigger, EventTrigger)]
@@ -121,7 +121,9 @@ class EntryPhase:
         histories = _histories(conn, [j.id for j in triggered], member_ids)
         exits: dict[int, str] = {}
         conversions: dict[int, datetime] = {}
+        resumes: dict[int, str | None] = {}
         new_rows: list[dict[str, Any]] = []
+        quota = self._quotas(conn, triggered, now)
         for event in batch:
             member = people.get(event["member_id"])
             if member is None:
@@ -134,6 +136,10 @@ class EntryPhase:
                 if version is None:
                     continue
                 self._goal_and_exit(version, row, event, member, props, now, exits, conversions)
+                if row["waiting_for"] == event["type"] and row["status"] == ACTIVE and row["id"] not in resumes \
+                        and event["occurred_at"] >= row["entered_at"] and version.journey.has_step(row["step"]):
+                    wait = version.journey.step(row["step"])
+                    resumes[row["id"]] = version.journey.resolve(wait, getattr(wait, "then", None))
             if event["occurred_at"] < oldest:
                 report.add("stale")
                 continue
@@ -147,6 +153,11 @@ class EntryPhase:
                 key = (live.id, member["id"])
                 if not eligible(live.journey, histories.get(key), now):
                     continue
+                if live.id in quota:
+                    if quota[live.id] <= 0:
+                        report.add("capped")
+                        continue
+                    quota[live.id] -= 1
                 histories[key] = History(True, now)
                 new_rows.append(_enrollment(live, member["id"], f"event:{event['id']}", now, event["id"]))
         if conversions:
@@ -154,6 +165,10 @@ class EntryPhase:
                          .values(converted_at=bindparam("_at")),
                          [{"_id": k, "_at": v} for k, v in conversions.items()])
             report.add("converted", len(conversions))
+        if resumes:
+            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
+                         .values(step=bindparam("_step"), waiting_for=None, next_run_at=now),
+                         [{"_id": k, "_step": v} for k, v in resumes.items() if k not in exits])
         if exits:
             conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
                          .values(status=EnrollmentStatus.EXITED.value, ended_at=now, exit_reason=bindparam("_why"),
@@ -163,6 +178,19 @@ class EntryPhase:
         if new_rows:
             result = conn.execute(_insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing(), new_rows)
             report.add("enrolled", max(0, result.rowcount) if result.rowcount is not None else len(new_rows))
+
+    def _quotas(self, conn: Connection, journeys: Iterable[LiveJourney], now: datetime) -> dict[str, int]:
+        """Entries each capped journey may still take today (calendar day in default_timezone)."""
+        capped = {j.id: j.journey.entry.max_per_day for j in journeys if j.journey.entry.max_per_day}
+        if not capped:
+            return {}
+        tz = zone(self.app.config.default_timezone)
+        midnight = datetime.combine(now.astimezone(tz).date(), time(0, 0), tzinfo=tz)
+        counts: dict[str, int] = dict(conn.execute(
+            select(enrollments.c.journey_id, func.count()).where(
+                enrollments.c.journey_id.in_(list(capped)), enrollments.c.entered_at >= midnight)
+            .group_by(enrollments.c.journey_id)).all())
+        return {journey_id: cap - int(counts.get(journey_id, 0)) for journey_id, cap in capped.items()}
 
     @staticmethod
     def _goal_and_exit(live: LiveJourney, row: dict[str, Any], event: Mapping[str, Any], member: Mapping[str, Any],
@@ -218,10 +246,13 @@ class EntryPhase:
                                      .with_for_update(skip_locked=True)).first()
                 if state is None:
                     continue  # another daemon is entering this journey right now
+                room = self._quotas(conn, [journey], now).get(journey.id)
+                if room is not None and room <= 0:
+                    continue
                 if isinstance(trigger, SegmentTrigger):
-                    report.add("enrolled", self._enter_segment(conn, journey, trigger, now))
+                    report.add("enrolled", self._enter_segment(conn, journey, trigger, now, room))
                 elif isinstance(trigger, DateTrigger):
-                    report.add("enrolled", self._enter_date(conn, journey, trigger, state.date_cursor, now))
+                    report.add("enrolled", self._enter_date(conn, journey, trigger, state.date_cursor, now, room))
                     conn.execute(update(journey_state).where(journey_state.c.journey_id == journey.id)
                                  .values(date_cursor=now))
 
@@ -239,7 +270,8 @@ class EntryPhase:
             previous.c.journey_id == journey.id, previous.c.member_id == members.c.id,
             or_(previous.c.status == ACTIVE, blocking)))
 
-    def _enter_segment(self, conn: Connection, journey: LiveJourney, trigger: SegmentTrigger, now: datetime) -> int:
+    def _enter_segment(self, conn: Connection, journey: LiveJourney, trigger: SegmentTrigger, now: datetime,
+                       room: int | None = None) -> int:
         audience = to_sql(trigger.condition, now, journey.segments, self.app.store.dialect)
         stamp = literal(now, UTCDateTime())
         select_new = select(
@@ -247,13 +279,15 @@ class EntryPhase:
             literal(f"segment:{now.strftime('%Y%m%dT%H%M%S.%f')}"), literal(ACTIVE),
             literal(journey.journey.first_step), stamp, stamp,
         ).where(members.c.forgotten_at.is_(None), audience, self._not_blocked(journey, now))
+        if room is not None:
+            select_new = select_new.order_by(members.c.id).limit(room)
         columns = ["journey_id", "journey_version", "member_id", "trigger_key", "status", "step", "next_run_at",
                    "entered_at"]
         stmt = _insert(self.app.store.dialect)(enrollments).from_select(columns, select_new).on_conflict_do_nothing()
         return int(conn.execute(stmt).rowcount or 0)
 
     def _enter_date(self, conn: Connection, journey: LiveJourney, trigger: DateTrigger, cursor: datetime | None,
-                    now: datetime) -> int:
+                    now: datetime, room: int | None = None) -> int:
         start = max(cursor or now - timedelta(days=1), now - DATE_CATCH_UP)
         if start >= now:
             return 0
@@ -286,6 +320,8 @@ class EntryPhase:
                 if not eligible(journey.journey, histories.get((journey.id, row.id)), now):
                     continue
                 new_rows.append(_enrollment(journey, row.id, f"date:{occurrence.isoformat()}", now))
+        if room is not None:
+            new_rows = new_rows[:room]
         if not new_rows:
             return 0
         result = conn.execute(_insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing(), new_rows)

@@ -21,7 +21,7 @@ from typing import Any
 import phonenumbers
 from babel.core import Locale, UnknownLocaleError
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import Connection, case, select, update
+from sqlalchemy import Connection, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.exceptions import InputError
@@ -345,6 +345,10 @@ def parse_event(row: dict[str, Any], source: str) -> NewEvent:
     return NewEvent(member_id, kind, at, dict(properties), None if external in (None, "") else str(external), source)
 
 
+_EFFECT_COLUMNS = ("total_spend", "order_count", "last_order_at", "points", "tier", "signup_at", "email_opt_in",
+                   "sms_opt_in")
+
+
 class EventRecorder:
     """Stores events and applies the built-in types' effects on the member, in batches."""
 
@@ -357,6 +361,7 @@ class EventRecorder:
         ids = list({e.member_id for _, e in batch})
         rows = self.conn.execute(select(members).where(members.c.id.in_(ids))).mappings().all()
         state = {r["id"]: dict(r) for r in rows}
+        before = {member_id: dict(row) for member_id, row in state.items()}
         changed: set[str] = set()
         known_external = set()
         externals = [e.external_id for _, e in batch if e.external_id]
@@ -387,16 +392,13 @@ class EventRecorder:
             report.loaded += 1
         if inserts:
             self.conn.execute(events.insert(), inserts)
-        for member_id in changed:
-            member = state[member_id]
-            self.conn.execute(
-                update(members).where(members.c.id == member_id).values(
-                    total_spend=member["total_spend"], order_count=member["order_count"],
-                    last_order_at=member["last_order_at"], points=member["points"], tier=member["tier"],
-                    signup_at=member["signup_at"], email_opt_in=member["email_opt_in"],
-                    sms_opt_in=member["sms_opt_in"], updated_at=self.now,
-                )
-            )
+        # Only members an event really changed (a login changes nothing), in one executemany.
+        rows = [{"_id": member_id, **{c: state[member_id][c] for c in _EFFECT_COLUMNS}}
+                for member_id in changed if any(state[member_id][c] != before[member_id][c] for c in _EFFECT_COLUMNS)]
+        if rows:
+            stmt = update(members).where(members.c.id == bindparam("_id")).values(
+                {c: bindparam(c) for c in _EFFECT_COLUMNS} | {"updated_at": self.now})
+            self.conn.execute(stmt, rows)
 
     def _row(self, event: NewEvent) -> dict[str, Any]:
         return {"external_id": event.external_id, "member_id": event.member_id, "type": event.type,

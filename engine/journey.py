@@ -51,6 +51,7 @@ Trigger = EventTrigger | SegmentTrigger | DateTrigger
 @dataclass(frozen=True)
 class Entry:
     reentry: Literal["never", "always"] | timedelta = "never"
+    max_per_day: int | None = None  # new entries per calendar day (default_timezone)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,37 @@ class WaitStep:
     id: str
     duration: timedelta | None = None
     until: time | None = None
+    weekdays: tuple[int, ...] = ()  # with until: only on these days (0 = Monday); empty = any day
+    until_event: str | None = None  # wait for this event type, at most `timeout`
+    timeout: timedelta | None = None
+    then: str | None = None  # until_event: where to go when the event comes (None = the next step)
+    timeout_then: str | None = None  # until_event: where to go when it does not (None = the next step)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    weight: int  # percent
+    then: str | None
+
+
+@dataclass(frozen=True)
+class SplitStep:
+    """Members are assigned a variant by a hash of journey and member id: the same member, the same variant."""
+
+    id: str
+    variants: tuple[Variant, ...]
+    holdout: int = 0  # percent who get nothing but are still measured
+
+
+@dataclass(frozen=True)
+class UpdateStep:
+    id: str
+    points: int | None = None  # added (negative: deducted, never below zero)
+    tier: str | None = None
+    add_tags: tuple[str, ...] = ()
+    remove_tags: tuple[str, ...] = ()
+    attributes: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +127,7 @@ class EndStep:
     id: str
 
 
-Step = SendStep | WaitStep | IfStep | EndStep
+Step = SendStep | WaitStep | IfStep | SplitStep | UpdateStep | EndStep
 
 
 @dataclass(frozen=True)
@@ -135,6 +167,10 @@ class Journey:
             return []
         if isinstance(step, IfStep):
             return [self._resolve(step, step.then), self._resolve(step, step.otherwise)]
+        if isinstance(step, WaitStep) and step.until_event:
+            return [self._resolve(step, step.then), self._resolve(step, step.timeout_then)]
+        if isinstance(step, SplitStep):
+            return [self._resolve(step, v.then) for v in step.variants]
         return [self.following(step.id)]
 
     def _resolve(self, step: Step, target: str | None) -> str | None:
@@ -347,17 +383,21 @@ def _hhmm(ctx: _Ctx, data: Any, key: str, where: str) -> time | None:
 
 
 def _entry(ctx: _Ctx, data: Any) -> Entry:
-    if not ctx.keys(data, "entry", ("reentry",)):
+    if not ctx.keys(data, "entry", ("reentry", "max_per_day")):
         return Entry()
+    cap = data.get("max_per_day")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+        ctx.add(vmark(data, "max_per_day"), f"entry.max_per_day must be a whole number above 0, got: {cap!r}")
+        cap = None
     value = data.get("reentry", "never")
     if value in ("never", "always"):
-        return Entry(value)
+        return Entry(value, cap)
     try:
-        return Entry(parse_duration(value))
+        return Entry(parse_duration(value), cap)
     except ValueError:
         ctx.add(vmark(data, "reentry"),
                 f"entry.reentry must be never, always or a cooldown such as 180d, got: {value!r}")
-        return Entry()
+        return Entry(max_per_day=cap)
 
 
 def _exit(ctx: _Ctx, data: Any) -> ExitRule | None:
@@ -391,13 +431,17 @@ def _goal(ctx: _Ctx, data: Any) -> Goal | None:
     return Goal(event, within, where)
 
 
-_STEP_KINDS = ("send", "wait", "if", "end")
+_STEP_KINDS = ("send", "wait", "if", "split", "update", "end")
 _STEP_KEYS = {
     "send": ("id", "send", "template", "fallback"),
-    "wait": ("id", "wait", "until"),
+    "wait": ("id", "wait", "then", "timeout_then"),
     "if": ("id", "if", "then", "else"),
+    "split": ("id", "split", "holdout"),
+    "update": ("id", "update"),
     "end": ("id", "end"),
 }
+_TARGET_KEYS = ("then", "else", "timeout_then")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
@@ -418,7 +462,7 @@ def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
             unknown = [k for k in raw if k not in {k for v in _STEP_KEYS.values() for k in v}]
             hint = "".join(f"; unknown key {k!r}{did_you_mean(k, _STEP_KINDS)}" for k in unknown)
             at = kmark(raw, unknown[0]) if unknown and not kinds else item_mark
-            ctx.add(at, f"{where} must have exactly one of send:, wait:, if:, end:{found}{hint}")
+            ctx.add(at, f"{where} must have exactly one of send:, wait:, if:, split:, update:, end:{found}{hint}")
             continue
         kind = kinds[0]
         if not ctx.keys(raw, where, _STEP_KEYS[kind]):
@@ -427,7 +471,7 @@ def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
         if not isinstance(step_id, str) or not STEP_ID.match(step_id):
             ctx.add(vmark(raw, "id"), f"{where}.id must use only a-z, 0-9 and _, got: {step_id!r}")
             continue
-        if kind in ("send", "if") and "id" not in raw:
+        if kind in ("send", "if", "split") and "id" not in raw:
             ctx.add(item_mark, f"{where} needs an id (e.g. id: first_touch): the message log is keyed by step id")
             continue
         if step_id in seen:
@@ -459,14 +503,11 @@ def _step(ctx: _Ctx, kind: str, step_id: str, raw: Any, where: str) -> Step | No
             return None
         return SendStep(step_id, channel, template, fallback) if template else None
     if kind == "wait":
-        value = raw.get("wait")
-        if isinstance(value, dict):
-            if not ctx.keys(value, f"{where}.wait", ("until",), ("until",)):
-                return None
-            at = _hhmm(ctx, value, "until", f"{where}.wait")
-            return WaitStep(step_id, until=at) if at else None
-        duration = ctx.duration(raw, "wait", where)
-        return WaitStep(step_id, duration=duration) if duration else None
+        return _wait(ctx, step_id, raw, where)
+    if kind == "split":
+        return _split(ctx, step_id, raw, where)
+    if kind == "update":
+        return _update(ctx, step_id, raw, where)
     if kind == "if":
         condition = ctx.condition(raw, "if", where)
         targets = []
@@ -481,6 +522,112 @@ def _step(ctx: _Ctx, kind: str, step_id: str, raw: Any, where: str) -> Step | No
         ctx.add(vmark(raw, "end"), f"{where}.end takes no value (write `- end: true`), got: {raw.get('end')!r}")
         return None
     return EndStep(step_id)
+
+
+def _wait(ctx: _Ctx, step_id: str, raw: Any, where: str) -> WaitStep | None:
+    value = raw.get("wait")
+    if not isinstance(value, dict):
+        for key in ("then", "timeout_then"):
+            if key in raw:
+                ctx.add(kmark(raw, key), f"{where}.{key} only applies to wait: {{until_event: ..., timeout: ...}}")
+                return None
+        duration = ctx.duration(raw, "wait", where)
+        return WaitStep(step_id, duration=duration) if duration else None
+    if "until_event" in value:
+        if not ctx.keys(value, f"{where}.wait", ("until_event", "timeout"), ("until_event", "timeout")):
+            return None
+        event = ctx.text(value, "until_event", f"{where}.wait")
+        timeout = ctx.duration(value, "timeout", f"{where}.wait")
+        targets = [raw.get(k) for k in ("then", "timeout_then")]
+        for key, target in zip(("then", "timeout_then"), targets, strict=True):
+            if target is not None and not isinstance(target, str):
+                ctx.add(vmark(raw, key), f"{where}.{key} must be a step id or end, got: {target!r}")
+                return None
+        if event is None or timeout is None:
+            return None
+        return WaitStep(step_id, until_event=event, timeout=timeout, then=targets[0], timeout_then=targets[1])
+    for key in ("then", "timeout_then"):
+        if key in raw:
+            ctx.add(kmark(raw, key), f"{where}.{key} only applies to wait: {{until_event: ..., timeout: ...}}")
+            return None
+    if not ctx.keys(value, f"{where}.wait", ("until", "weekdays"), ("until",)):
+        return None
+    at = _hhmm(ctx, value, "until", f"{where}.wait")
+    days = value.get("weekdays", [])
+    if not isinstance(days, list) or (not days and "weekdays" in value) or any(d not in WEEKDAYS for d in days):
+        ctx.add(vmark(value, "weekdays"), f"{where}.wait.weekdays must be a list of {', '.join(WEEKDAYS)}, "
+                f"got: {days!r}")
+        return None
+    return WaitStep(step_id, until=at, weekdays=tuple(WEEKDAYS.index(d) for d in days)) if at else None
+
+
+def _split(ctx: _Ctx, step_id: str, raw: Any, where: str) -> SplitStep | None:
+    items = raw.get("split")
+    if not isinstance(items, list) or not items:
+        ctx.add(vmark(raw, "split"), f"{where}.split must be a list of variants such as "
+                "{variant: a, weight: 50, then: email_a}")
+        return None
+    holdout = raw.get("holdout", 0)
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < 100:
+        ctx.add(vmark(raw, "holdout"), f"{where}.holdout must be a whole percentage from 0 to 99, got: {holdout!r}")
+        return None
+    variants: list[Variant] = []
+    for index, item in enumerate(items):
+        at = f"{where}.split[{index}]"
+        if not ctx.keys(item, at, ("variant", "weight", "then"), ("variant", "weight")):
+            return None
+        name, weight, then = item.get("variant"), item.get("weight"), item.get("then")
+        if not isinstance(name, str) or not STEP_ID.match(name) or name == "holdout":
+            ctx.add(vmark(item, "variant"), f"{at}.variant must be a name of a-z, 0-9 and _ (not holdout), "
+                    f"got: {name!r}")
+            return None
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight <= 0:
+            ctx.add(vmark(item, "weight"), f"{at}.weight must be a whole percentage above 0, got: {weight!r}")
+            return None
+        if then is not None and not isinstance(then, str):
+            ctx.add(vmark(item, "then"), f"{at}.then must be a step id or end, got: {then!r}")
+            return None
+        variants.append(Variant(name, weight, then))
+    total = sum(v.weight for v in variants) + holdout
+    if total != 100:
+        ctx.add(vmark(raw, "split"), f"{where}: variant weights plus holdout must add up to 100, got: {total} "
+                f"({' + '.join(str(v.weight) for v in variants)}{f' + holdout {holdout}' if holdout else ''})")
+        return None
+    if len({v.name for v in variants}) != len(variants):
+        ctx.add(vmark(raw, "split"), f"{where}: each variant needs its own name")
+        return None
+    return SplitStep(step_id, tuple(variants), holdout)
+
+
+_UPDATE_KEYS = ("points", "tier", "add_tags", "remove_tags", "attributes")
+
+
+def _update(ctx: _Ctx, step_id: str, raw: Any, where: str) -> UpdateStep | None:
+    value = raw.get("update")
+    if not ctx.keys(value, f"{where}.update", _UPDATE_KEYS) or not value:
+        if isinstance(value, dict) and not value:
+            ctx.add(vmark(raw, "update"), f"{where}.update needs at least one of {', '.join(_UPDATE_KEYS)}")
+        return None
+    points, tier = value.get("points"), value.get("tier")
+    if points is not None and (isinstance(points, bool) or not isinstance(points, int) or points == 0):
+        ctx.add(vmark(value, "points"), f"{where}.update.points must be a whole number (negative to deduct), "
+                f"got: {points!r}")
+        return None
+    if tier is not None and (not isinstance(tier, str) or not STEP_ID.match(tier)):
+        ctx.add(vmark(value, "tier"), f"{where}.update.tier must be a tier id from rules/loyalty.yaml, got: {tier!r}")
+        return None
+    tags = []
+    for key in ("add_tags", "remove_tags"):
+        items = value.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
+            ctx.add(vmark(value, key), f"{where}.update.{key} must be a list of tags, got: {items!r}")
+            return None
+        tags.append(tuple(items))
+    attributes = value.get("attributes", {})
+    if not isinstance(attributes, dict) or not all(isinstance(v, (str, int, float, bool)) for v in attributes.values()):
+        ctx.add(vmark(value, "attributes"), f"{where}.update.attributes must map names to plain values")
+        return None
+    return UpdateStep(step_id, points, tier, tags[0], tags[1], tuple(sorted(attributes.items())))
 
 
 def _raw_step_ids(raw_steps: list[Any]) -> list[str]:
@@ -500,12 +647,16 @@ def _check_targets(ctx: _Ctx, raw_steps: Any) -> None:
         return
     ids = _raw_step_ids(raw_steps)
     for index, raw in enumerate(raw_steps):
-        if not isinstance(raw, dict) or "if" not in raw:
+        if not isinstance(raw, dict):
             continue
-        for key in ("then", "else"):
-            target = raw.get(key)
+        places = [(raw, key, f"steps[{index}].{key}") for key in _TARGET_KEYS]
+        if isinstance(raw.get("split"), list):
+            places += [(item, "then", f"steps[{index}].split[{i}].then")
+                       for i, item in enumerate(raw["split"]) if isinstance(item, dict)]
+        for container, key, where in places:
+            target = container.get(key)
             if isinstance(target, str) and target != END and target not in ids:
-                ctx.add(vmark(raw, key), f"steps[{index}].{key} names step {target!r}, which does not exist"
+                ctx.add(vmark(container, key), f"{where} names step {target!r}, which does not exist"
                         f"{did_you_mean(target, [*ids, END])}")
 
 

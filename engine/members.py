@@ -50,6 +50,8 @@ def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str
                           .order_by(messages.c.id.desc()).limit(10)).mappings().all()
     for msg in recent:
         why = f" ({msg['reason']})" if msg["reason"] else ""
+        if msg["reason"] and msg["status"] in ("sent", "delivered"):
+            why = f" (after {msg['reason'].replace('_', ' ')})"  # e.g. deferred by quiet hours, then sent
         lines.append(f"  #{msg['id']} {_show(msg['created_at'])} {msg['journey']}/{msg['step']} {msg['channel']} "
                      f"{msg['status']}{why}")
     if not recent:

@@ -175,6 +175,7 @@ class Enrollment(Base):
     exit_reason: Mapped[str | None] = mapped_column(String(200))
     converted_at: Mapped[datetime | None]
     variant: Mapped[str | None] = mapped_column(String(64))
+    waiting_for: Mapped[str | None] = mapped_column(String(64))  # wait until_event: the event type awaited
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_until: Mapped[datetime | None]
 
@@ -183,7 +184,7 @@ class Enrollment(Base):
         # A member is never twice at once in the same journey.
         Index("uq_enrollments_one_active", "journey_id", "member_id", unique=True,
               sqlite_where=text("status = 'active'"), postgresql_where=text("status = 'active'")),
-        Index("ix_enrollments_due", "next_run_at", sqlite_where=text("status = 'active'"),
+        Index("ix_enrollments_due", "next_run_at", "id", sqlite_where=text("status = 'active'"),
               postgresql_where=text("status = 'active'")),
         Index(None, "member_id"),
     )
@@ -236,6 +237,7 @@ class Message(Base):
         Index(None, "journey", "created_at"),
         Index(None, "created_at"),
         Index(None, "provider_id"),  # provider webhooks find their message by the provider's id
+        Index(None, "enrollment_id"),  # the at-most-once check before appending a batch
     )
 
 

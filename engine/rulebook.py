@@ -260,6 +260,19 @@ def _check_journey_refs(data: Any, segments: dict[str, Segment], declared: set[s
                 problems.add(mark, f"fallback {fallback}: {message}")
 
 
+def _check_tiers(data: Any, loyalty: Loyalty, problems: Problems) -> None:
+    """`update: {tier: ...}` must name a tier of the loyalty programme."""
+    steps = data.get("steps") if isinstance(data, dict) else None
+    known = [t.id for t in loyalty.tiers]
+    for raw in steps if isinstance(steps, list) else []:
+        change = raw.get("update") if isinstance(raw, dict) else None
+        tier = change.get("tier") if isinstance(change, dict) else None
+        if isinstance(tier, str) and tier not in known:
+            mark = change.value_mark("tier") if isinstance(change, YMap) else UNKNOWN
+            problems.add(mark, f"unknown tier {tier!r}{did_you_mean(tier, known)} (tiers are defined in "
+                         "rules/loyalty.yaml)")
+
+
 def journey_files(rules_dir: Path) -> list[Path]:
     folder = rules_dir / "journeys"
     if not folder.is_dir():
@@ -306,6 +319,7 @@ def load_rulebook(rules_dir: Path, templates: Templates | None, extra_journeys: 
                          "steps:, or delete the file")
         journey = parse_journey(data, problems, str(path)) if data is not None else None
         _check_journey_refs(data, book.segments, declared, templates, problems)
+        _check_tiers(data, book.loyalty, problems)
         if journey is not None and journey.id in seen:
             problems.add(data.value_mark("journey"), f"journey id {journey.id!r} is also used by {seen[journey.id]}; "
                          "every journey needs its own id")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +21,14 @@ from sqlalchemy import Connection, select
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine import audit, queries, sms
 from engine import unsubscribe as unsub
-from engine.conditions import evaluate
 from engine.context import ContextBuilder
 from engine.exceptions import TemplateRenderError
-from engine.journey import EndStep, IfStep, SendStep, WaitStep
+from engine.journey import SendStep, SplitStep
+from engine.member_updates import save_member_updates
 from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, members, messages
 from engine.report import TickReport
 from engine.safety import Rails, Reason, Verdict, add_suppressions
-from engine.timeutil import zone
+from engine.steps import Transition, advance, apply_update
 from engine.versions import LiveJourney, VersionCache
 
 if TYPE_CHECKING:
@@ -37,62 +36,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS_PER_RUN = 100  # validation rejects loops without a wait; this is the belt to those braces
 MAX_ATTEMPTS = 5
-_TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "claimed_by", "claimed_until")
+_UNREACHABLE = (Reason.CONSENT, Reason.INVALID_ADDRESS, Reason.SUPPRESSED_ADDRESS)
+_TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "variant", "waiting_for",
+                       "claimed_by", "claimed_until")
 _RESULT_COLUMNS = ("status", "provider_id", "error", "attempts", "sent_at", "next_attempt_at", "reason", "claimed_by",
                    "claimed_until", "updated_at")
-
-
-@dataclass
-class Transition:
-    enrollment_id: int
-    step: str | None
-    status: str
-    next_run_at: datetime | None
-    ended_at: datetime | None = None
-    exit_reason: str | None = None
-    sends: list[SendStep] = field(default_factory=list)
-
-
-def next_local_time(now: datetime, at: Any, tz_name: str | None, default_tz: str) -> datetime:
-    tz = zone(tz_name, default_tz)
-    local = now.astimezone(tz)
-    candidate = datetime.combine(local.date(), at, tzinfo=tz)
-    if candidate <= local:
-        candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=tz)
-    return candidate.astimezone(now.tzinfo)
-
-
-def advance(live: LiveJourney, start: str | None, member: Mapping[str, Any], now: datetime, enrollment_id: int,
-            default_tz: str, event: Mapping[str, Any] | None = None) -> Transition:
-    """Walk from step START until the enrollment waits or ends; collect the sends on the way."""
-    journey = live.journey
-    current = start
-    sends: list[SendStep] = []
-    for _ in range(MAX_STEPS_PER_RUN):
-        if current is None or not journey.has_step(current):
-            return Transition(enrollment_id, None, EnrollmentStatus.COMPLETED.value, None, now, None, sends)
-        step = journey.step(current)
-        if isinstance(step, SendStep):
-            sends.append(step)
-            current = journey.following(step.id)
-        elif isinstance(step, WaitStep):
-            after = journey.following(step.id)
-            if step.duration is not None:
-                wake = now + step.duration
-            else:
-                wake = next_local_time(now, step.until, member.get("timezone"), default_tz)
-            return Transition(enrollment_id, after, EnrollmentStatus.ACTIVE.value, wake, sends=sends)
-        elif isinstance(step, IfStep):
-            matched = evaluate(step.condition, member, now, live.segments, event)
-            current = journey.resolve(step, step.then if matched else step.otherwise)
-        elif isinstance(step, EndStep):
-            current = None
-    log.error("journey %s enrollment %s: more than %s steps without a wait; stopped", journey.id, enrollment_id,
-              MAX_STEPS_PER_RUN)
-    return Transition(enrollment_id, None, EnrollmentStatus.EXITED.value, None, now, "too many steps without a wait",
-                      sends)
 
 
 def backoff(attempt: int) -> timedelta:
@@ -128,7 +77,7 @@ class Runner:
         stmt = (
             select(
                 enrollments.c.id.label("enrollment_id"), enrollments.c.journey_id, enrollments.c.journey_version,
-                enrollments.c.step, enrollments.c.variant, enrollments.c.event_id,
+                enrollments.c.step, enrollments.c.variant, enrollments.c.event_id, enrollments.c.waiting_for,
                 events.c.properties.label("event_properties"), *members.c,
             )
             .select_from(enrollments.join(members, members.c.id == enrollments.c.member_id)
@@ -151,6 +100,7 @@ class Runner:
                     journeys[key] = self.cache.get(conn, *key)
         transitions: list[Transition] = []
         outgoing: list[dict[str, Any]] = []
+        changed: list[tuple[dict[str, Any], dict[str, Any], LiveJourney, list[str]]] = []
         contexts = ContextBuilder(app.rules().loyalty, app.config.default_locale, app.config.default_timezone)
         for row in rows:
             live = journeys[(row["journey_id"], row["journey_version"])]
@@ -160,13 +110,22 @@ class Runner:
                 continue
             event = row.get("event_properties") or {}
             transition = advance(live, row["step"], row, now, row["enrollment_id"], app.config.default_timezone,
-                                 event)
+                                 event, waiting_for=row.get("waiting_for"), variant=row.get("variant"))
             transitions.append(transition)
+            person = dict(row, variant=transition.variant)
+            for update_step in transition.updates:
+                apply_update(person, update_step)
+            if transition.updates:
+                changed.append((row, person, live, [u.id for u in transition.updates]))
             for step in transition.sends:
-                outgoing.append(self._message_row(live, row, step, now, rails, contexts, event))
+                outgoing.append(self._message_row(live, person, step, now, rails, contexts, event))
+            for split in transition.holdouts:
+                outgoing.append(self._holdout_row(live, person, split, now))
         with app.store.begin() as conn:
             inserted = audit.append(conn, app.store.dialect, outgoing)
             self._save_transitions(conn, transitions)
+            if changed:
+                save_member_updates(conn, changed, app.rules().loyalty, now)
         for t in transitions:
             if t.status == EnrollmentStatus.COMPLETED.value:
                 report.add("completed")
@@ -177,35 +136,63 @@ class Runner:
                 report.add(row["status"])
         self._deliver([r for r in inserted if r["status"] == MessageStatus.SENDING.value], now, report)
 
+    def _holdout_row(self, live: LiveJourney, member: Mapping[str, Any], split: SplitStep,
+                     now: datetime) -> dict[str, Any]:
+        """The control group gets nothing, but its members are logged so that lift can be measured."""
+        row = self._base_row(live, member, split.id, "none", None, now)
+        row.update(status=MessageStatus.SUPPRESSED.value, reason=Reason.HOLDOUT,
+                   error=f"holdout: {split.holdout}% control group of split {split.id}")
+        return row
+
+    def _base_row(self, live: LiveJourney, member: Mapping[str, Any], step_id: str, channel: str,
+                  template: str | None, now: datetime) -> dict[str, Any]:
+        return {
+            "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
+            "journey_version": live.version, "step": step_id, "channel": channel, "template": template,
+            "locale": None, "variant": member.get("variant"), "recipient": None, "subject": None, "body": None,
+            "html": None, "status": MessageStatus.SUPPRESSED.value, "reason": None, "error": None,
+            "provider_id": None, "attempts": 0, "next_attempt_at": None, "created_at": now,
+            "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
+            "segments": None, "encoding": None, "category": live.journey.category,
+        }
+
     def _message_row(self, live: LiveJourney, member: Mapping[str, Any], step: SendStep, now: datetime,
                      rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any]) -> dict[str, Any]:
         category = live.journey.category
-        verdict, address = rails.check(member, step.channel, now, category)
+        channel = step.channel
+        verdict, address = rails.check(member, channel, now, category)
+        note = None
+        if step.fallback and verdict.reason in _UNREACHABLE:
+            second, second_address = rails.check(member, step.fallback, now, category)
+            if second.status is not MessageStatus.SUPPRESSED:
+                note = f"{channel} unreachable ({verdict.error}); sent by {step.fallback} instead"
+                channel, verdict, address = step.fallback, second, second_address
         row: dict[str, Any] = {
             "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
-            "journey_version": live.version, "step": step.id, "channel": step.channel, "template": step.template,
+            "journey_version": live.version, "step": step.id, "channel": channel, "template": step.template,
             "locale": None, "variant": member.get("variant"), "recipient": address, "subject": None, "body": None,
-            "html": None, "status": verdict.status.value, "reason": verdict.reason, "error": verdict.error,
+            "html": None, "status": verdict.status.value, "reason": verdict.reason or ("fallback" if note else None),
+            "error": verdict.error or note,
             "provider_id": None, "attempts": 0, "next_attempt_at": verdict.not_before, "created_at": now,
             "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
             "segments": None, "encoding": None, "category": category,
         }
         if verdict.status is MessageStatus.SUPPRESSED:
             return row
-        link = self._unsubscribe_link(member["id"], step.channel)
+        link = self._unsubscribe_link(member["id"], channel)
         context = contexts.build(member, now, {"id": live.id, "name": live.journey.name, "version": live.version},
                                  event, link)
         try:
-            rendered = self.app.templates.render(step.template, step.channel, member.get("locale"), context)
+            rendered = self.app.templates.render(step.template, channel, member.get("locale"), context)
         except TemplateRenderError as exc:
             row.update(status=MessageStatus.FAILED.value, reason=Reason.TEMPLATE_ERROR, error=str(exc),
                        next_attempt_at=None)
             log.warning("journey %s step %s: %s", live.id, step.id, exc)
             return row
         row.update(locale=rendered.locale, subject=rendered.subject, body=rendered.text, html=rendered.html)
-        if step.channel == "sms" and category == "marketing":
+        if channel == "sms" and category == "marketing":
             row["body"] = self._with_opt_out_hint(rendered.text, rendered.locale)
-        if step.channel == "sms":
+        if channel == "sms":
             row["segments"], row["encoding"] = sms.segments(row["body"])
         if verdict.status is MessageStatus.SENDING:
             row.update(claimed_by=self.worker,
@@ -233,8 +220,8 @@ class Runner:
     def _save_transitions(self, conn: Connection, transitions: Sequence[Transition]) -> None:
         w = queries.BulkWriter(self.app.store.dialect)
         w.update_by_id(conn, "enrollments", _TRANSITION_COLUMNS, [
-            (t.step, t.status, w.ts(t.next_run_at), w.ts(t.ended_at), t.exit_reason, None, None, t.enrollment_id)
-            for t in transitions])
+            (t.step, t.status, w.ts(t.next_run_at), w.ts(t.ended_at), t.exit_reason, t.variant, t.waiting_for,
+             None, None, t.enrollment_id) for t in transitions])
 
     # ------------------------------------------------------------------ delivery
 
