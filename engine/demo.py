@@ -229,8 +229,9 @@ class World:
             if kind == "signup":
                 raw = self.joining.pop(member_id)
                 joined.append(raw)
+                # "app" sign-ups get the A/B-tested welcome (welcome_ab); the others the classic series.
                 happened.append(_event(member_id, "signup", at, {"source": self.rng.choice(
-                    ["门店", "小程序", "官网", "App"] if raw["locale"] == "zh-CN" else ["web", "app", "store"])}))
+                    ["store", "mini_program", "web", "app", "app"])}))
                 self._enrol(raw, 0.0, False, at)
                 if self.rng.random() < 0.1:  # some order at once, before the welcome series goes on
                     self._schedule(self.shoppers[member_id], "bought", at, mean_days=1.5)
@@ -240,6 +241,8 @@ class World:
                 self._schedule(self.shoppers[member_id], "login", at)
             elif kind.startswith("unsubscribe:"):
                 happened.append(_event(member_id, "unsubscribe", at, {"channel": kind.partition(":")[2]}))
+            elif kind == "review":
+                happened.append(_event(member_id, "review_submitted", at, {"stars": self.rng.choice((4, 5, 5, 3))}))
             elif kind == "bought" or chain == self.shoppers[member_id].chain:
                 happened.append(self._order(self.shoppers[member_id], at, ordinary=kind == "order"))
         return joined, happened
@@ -265,6 +268,8 @@ class World:
             chance, mean_days = ORDERS_AFTER.get((journey, step), (0.0, 1.0))
             if self.rng.random() < chance:
                 self._schedule(shopper, "bought", now, mean_days=mean_days)
+            if step == "ask_review" and self.rng.random() < 0.3:  # about a third write the review asked for
+                self._push(now + timedelta(days=self.rng.uniform(0.2, 9)), "review", member_id)
             if self.rng.random() < UNSUBSCRIBE_CHANCE[channel]:
                 self._push(now + timedelta(hours=self.rng.uniform(0.1, 6)), f"unsubscribe:{channel}", member_id)
 
