@@ -1,28 +1,187 @@
-"""Channel adapters: one small interface (channels.base.Channel), one module per kind of provider."""
+"""Channel adapters: one small interface (channels.base.Channel), one module per kind of provider.
+
+Provider adapters (channels.twilio, channels.sendgrid) share the pacing here: a batch goes out through a
+small thread pool, every request first takes its tokens from one token bucket per channel instance.
+"""
 
 from __future__ import annotations
 
+import abc
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from channels.local import ConsoleChannel, OutboxChannel
 
 if TYPE_CHECKING:
-    from engine.config import Config
+    from engine.config import ChannelConfig, Config
 
-__all__ = ["Channel", "Outcome", "OutgoingMessage", "SendResult", "build_channel"]
+__all__ = ["Channel", "Outcome", "OutgoingMessage", "PacedChannel", "SendResult", "TokenBucket", "build_channel",
+           "describe_network_error", "parse_retry_after"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """Paces callers to RATE tokens per second, thread-safe; the clock and the sleep can be replaced in tests.
+
+    A caller reserves its slot under the lock and sleeps outside it, so threads queue up in arrival order
+    without holding the lock. A request may cost more than one token (an SMS of three segments costs three):
+    it goes as soon as the bucket is not in debt and the debt delays whoever comes next.
+    """
+
+    def __init__(self, rate: float, *, burst: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be more than 0 per second, got: {rate!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got: {burst!r}")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = burst
+        self._stamp = clock()
+
+    def reserve(self, cost: float = 1.0) -> float:
+        """Take COST tokens; return how many seconds the caller must wait before it goes (0 = now)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            wait = max(0.0, 1.0 - self._tokens) / self.rate
+            self._tokens -= cost
+            return wait
+
+    def acquire(self, cost: float = 1.0) -> None:
+        wait = self.reserve(cost)
+        if wait > 0:
+            self._sleep(wait)
+
+
+def limiter_for(rate_per_second: float | None, provider_default: float) -> TokenBucket | None:
+    """The bucket config asks for: None = the provider's documented default, 0 = no limit."""
+    rate = provider_default if rate_per_second is None else rate_per_second
+    return TokenBucket(rate) if rate > 0 else None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """The innermost cause of a network failure, e.g. ``RemoteDisconnected: Remote end closed connection``.
+
+    requests wraps a dropped connection three deep (ConnectionError > MaxRetryError > ProtocolError), and its
+    outer text ("Max retries exceeded") misleads an operator: no client here retries.
+    """
+    current: BaseException = exc
+    for _ in range(6):
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in reversed(current.args) if isinstance(a, BaseException)), None)
+        if inner is None:
+            break
+        current = inner
+    text = str(current) or type(current).__name__
+    return text if text.startswith(type(current).__name__) else f"{type(current).__name__}: {text}"
+
+
+class PacedChannel(Channel):
+    """Base of the provider adapters: concurrent, rate-limited, one classified result per message in order."""
+
+    def __init__(self, *, concurrency: int, limiter: TokenBucket | None) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got: {concurrency!r}")
+        self.concurrency = concurrency
+        self.limiter = limiter
+
+    @abc.abstractmethod
+    def send_one(self, message: OutgoingMessage) -> SendResult:
+        """Call the provider once for MESSAGE and classify its answer.
+
+        Must not retry (the engine retries with backoff and records every attempt) and must turn every
+        answer the provider can give, and every network failure, into a result.
+        """
+
+    def cost(self, message: OutgoingMessage) -> float:
+        """Tokens MESSAGE takes from the bucket (what the provider's rate limit counts)."""
+        return 1.0
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        if not messages:
+            return []
+        workers = min(self.concurrency, len(messages))
+        if workers == 1:
+            return [self._paced(m) for m in messages]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{self.provider}-send") as pool:
+            return list(pool.map(self._paced, messages))
+
+    def _paced(self, message: OutgoingMessage) -> SendResult:
+        if self.limiter is not None:
+            self.limiter.acquire(self.cost(message))
+        try:
+            return self.send_one(message)
+        except Exception as exc:  # one message's surprise must not sink the rest of the batch
+            # Nobody knows whether the provider acted on the request: "unknown:" makes the runner record the
+            # row as unknown for an operator instead of retrying it into a possible double send.
+            log.exception("%s: unexpected error sending message %s", self.provider, message.id)
+            return SendResult(Outcome.PERMANENT, error=f"unknown: {self.provider} raised {exc!r}")
+
+
+def _require(channel: str, settings: ChannelConfig, *keys: str) -> None:
+    from engine.exceptions import ConfigError
+
+    for key in keys:
+        attribute = "sender" if key == "from" else key
+        if not getattr(settings, attribute):
+            raise ConfigError(f"channels.{channel}.{key} is required for provider {settings.provider}; "
+                              f"set it in config.yaml (secrets as ${{ENV_VAR}})")
+    if settings.base_url is not None and not settings.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"channels.{channel}.base_url must start with http:// or https://, "
+                          f"got: {settings.base_url!r}")
 
 
 def build_channel(channel: str, config: Config) -> Channel:
     """The adapter config.yaml names for CHANNEL ("email" or "sms")."""
     from engine.exceptions import ConfigError
 
-    settings = getattr(config.channels, channel)
+    settings: ChannelConfig = getattr(config.channels, channel)
     if settings.provider == "console":
         return ConsoleChannel()
     if settings.provider == "outbox":
         return OutboxChannel(config.outbox_path(channel))
-    raise ConfigError(
-        f"channels.{channel}.provider {settings.provider!r} is not available in this version yet; "
-        "use console or outbox"
-    )
+    if settings.provider == "twilio":
+        _require(channel, settings, "account_sid", "auth_token")
+        if not settings.sender and not settings.messaging_service_sid:
+            raise ConfigError(f"channels.{channel}.from or channels.{channel}.messaging_service_sid is required "
+                              "for provider twilio; set the sending number or the Messaging Service SID")
+        from channels.twilio import TwilioSMS
+
+        return TwilioSMS.from_config(settings, public_url=config.web.public_url)
+    if settings.provider == "sendgrid":
+        _require(channel, settings, "api_key", "from")
+        from channels.sendgrid import SendGridEmail
+
+        try:
+            return SendGridEmail.from_config(settings)
+        except ValueError as exc:
+            raise ConfigError(f"channels.{channel}.{exc}") from None
+    raise ConfigError(f"channels.{channel}.provider must be twilio, sendgrid, console or outbox, "
+                      f"got: {settings.provider!r}")

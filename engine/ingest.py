@@ -393,12 +393,13 @@ class EventRecorder:
         if inserts:
             self.conn.execute(events.insert(), inserts)
         # Only members an event really changed (a login changes nothing), in one executemany.
-        rows = [{"_id": member_id, **{c: state[member_id][c] for c in _EFFECT_COLUMNS}}
-                for member_id in changed if any(state[member_id][c] != before[member_id][c] for c in _EFFECT_COLUMNS)]
-        if rows:
+        effects = [{"_id": member_id, **{c: state[member_id][c] for c in _EFFECT_COLUMNS}}
+                   for member_id in changed
+                   if any(state[member_id][c] != before[member_id][c] for c in _EFFECT_COLUMNS)]
+        if effects:
             stmt = update(members).where(members.c.id == bindparam("_id")).values(
                 {c: bindparam(c) for c in _EFFECT_COLUMNS} | {"updated_at": self.now})
-            self.conn.execute(stmt, rows)
+            self.conn.execute(stmt, effects)
 
     def _row(self, event: NewEvent) -> dict[str, Any]:
         return {"external_id": event.external_id, "member_id": event.member_id, "type": event.type,
