@@ -84,6 +84,23 @@ def reap_unknown(conn: Connection, now: datetime) -> int:
     return int(result.rowcount or 0)
 
 
+def extend_message_leases(conn: Connection, ids: list[int], worker: str, until: datetime) -> None:
+    """A long, paced delivery keeps its claim on the rows it has not handed over yet."""
+    for start in range(0, len(ids), 900):
+        conn.execute(update(messages).where(messages.c.id.in_(ids[start:start + 900]), messages.c.claimed_by == worker,
+                                            messages.c.status == MessageStatus.SENDING.value)
+                     .values(claimed_until=until))
+
+
+def requeue_messages(conn: Connection, ids: list[int], worker: str, now: datetime) -> None:
+    """Rows claimed but never handed to a channel go back to the queue (a graceful stop mid-delivery)."""
+    for start in range(0, len(ids), 900):
+        conn.execute(update(messages).where(messages.c.id.in_(ids[start:start + 900]), messages.c.claimed_by == worker,
+                                            messages.c.status == MessageStatus.SENDING.value)
+                     .values(status=MessageStatus.QUEUED.value, next_attempt_at=now, claimed_by=None,
+                             claimed_until=None, updated_at=now))
+
+
 def release_enrollment_claims(conn: Connection, worker: str) -> None:
     conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
                  .values(claimed_by=None, claimed_until=None))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
+
+
+def _chunk_size(channel: Channel, lease: timedelta) -> int:
+    """Messages a channel paced at its rate gets through in half a lease (all of them when unpaced)."""
+    limiter = getattr(channel, "limiter", None)
+    rate = getattr(limiter, "rate", None)
+    if not rate:
+        return 10_000
+    return max(1, int(rate * lease.total_seconds() / 2))
 _UNREACHABLE = (Reason.CONSENT, Reason.INVALID_ADDRESS, Reason.SUPPRESSED_ADDRESS)
 _TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "variant", "waiting_for",
                        "claimed_by", "claimed_until")
@@ -71,7 +81,7 @@ class Runner:
                                                     running)
             if not ids:
                 return
-            self._run_batch(ids, now, report)
+            self._run_batch(ids, now, report, stop)
 
     def _load(self, conn: Connection, ids: list[int]) -> list[dict[str, Any]]:
         stmt = (
@@ -87,7 +97,7 @@ class Runner:
         )
         return [dict(r) for r in conn.execute(stmt).mappings()]
 
-    def _run_batch(self, ids: list[int], now: datetime, report: TickReport) -> None:
+    def _run_batch(self, ids: list[int], now: datetime, report: TickReport, stop: Callable[[], bool]) -> None:
         app = self.app
         rails = Rails(app.config)
         with app.store.connect() as conn:
@@ -134,7 +144,7 @@ class Runner:
         for row in inserted:
             if row["status"] != MessageStatus.SENDING.value:
                 report.add(row["status"])
-        self._deliver([r for r in inserted if r["status"] == MessageStatus.SENDING.value], now, report)
+        self._deliver([r for r in inserted if r["status"] == MessageStatus.SENDING.value], now, report, stop)
 
     def _holdout_row(self, live: LiveJourney, member: Mapping[str, Any], split: SplitStep,
                      now: datetime) -> dict[str, Any]:
@@ -225,20 +235,43 @@ class Runner:
 
     # ------------------------------------------------------------------ delivery
 
-    def _deliver(self, rows: list[dict[str, Any]], now: datetime, report: TickReport) -> None:
+    def _deliver(self, rows: list[dict[str, Any]], now: datetime, report: TickReport,
+                 stop: Callable[[], bool] = lambda: False) -> None:
+        """Hand rows to their channels in chunks a paced channel gets through well within the lease.
+
+        After each chunk its answers are recorded and the lease of the rows still waiting is extended, so a
+        slow, rate-limited provider never lets another daemon's reaper mark them unknown. On a stop request
+        the rows not yet handed over go back to ``queued``: they were never attempted, so nothing is lost.
+        """
+        started = time.monotonic()
+        lease = timedelta(seconds=self.app.config.scheduler.lease_seconds)
+        pending = list(rows)
         by_channel: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_channel.setdefault(row["channel"], []).append(row)
-        updates: list[dict[str, Any]] = []
         for channel_name, group in by_channel.items():
             channel = self.app.channel(channel_name)
-            outgoing = [self._outgoing(r) for r in group]
-            results = self._send(channel, outgoing)
-            for row, result in zip(group, results, strict=True):
-                updates.append(self._result_update(row, result, now, report))
-        if updates:
+            size = _chunk_size(channel, lease)
+            for start in range(0, len(group), size):
+                if stop():
+                    self._requeue(pending, now)
+                    return
+                chunk = group[start:start + size]
+                results = self._send(channel, [self._outgoing(r) for r in chunk])
+                updates = [self._result_update(row, result, now, report)
+                           for row, result in zip(chunk, results, strict=True)]
+                done = {row["id"] for row in chunk}
+                pending = [row for row in pending if row["id"] not in done]
+                clock = now + timedelta(seconds=time.monotonic() - started)
+                with self.app.store.begin() as conn:
+                    self._save_results(conn, updates, now)
+                    if pending:
+                        queries.extend_message_leases(conn, [r["id"] for r in pending], self.worker, clock + lease)
+
+    def _requeue(self, rows: list[dict[str, Any]], now: datetime) -> None:
+        if rows:
             with self.app.store.begin() as conn:
-                self._save_results(conn, updates, now)
+                queries.requeue_messages(conn, [r["id"] for r in rows], self.worker, now)
 
     def _outgoing(self, row: Mapping[str, Any]) -> OutgoingMessage:
         headers: dict[str, str] = {}
@@ -327,7 +360,7 @@ class Runner:
                          "_attempts": r["attempts"], "_sent": None, "_next": None, "_reason": v.reason}
                         for r, v in blocked if v is not None], now)
                     report.add("suppressed", len(blocked))
-            self._deliver([r for r, _ in ready], now, report)
+            self._deliver([r for r, _ in ready], now, report, stop)
 
     def _recheck(self, row: Mapping[str, Any], rails: Rails) -> Verdict | None:
         """Consent can be withdrawn while a message waits: check it again before it goes."""

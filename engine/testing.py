@@ -53,7 +53,8 @@ class RecordingChannel(Channel):
 
 class Harness:
     def __init__(self, tmp_path: Path, db_url: str, *, rules: Path | None = None, templates: Path | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, channels: str = "recording") -> None:
+        """CHANNELS: "recording" (in memory, the default) or "config" (the adapters config.yaml names)."""
         self.tmp = tmp_path
         settings: dict[str, Any] = {
             "database": {"url": db_url},
@@ -68,7 +69,8 @@ class Harness:
         self.config = load_config(path)
         self.email = RecordingChannel()
         self.sms = RecordingChannel()
-        self.app = App(self.config, channels={"email": self.email, "sms": self.sms})
+        recording: dict[str, Channel] = {"email": self.email, "sms": self.sms}
+        self.app = App(self.config, channels=recording if channels == "recording" else None)
         self._lines = 0
 
     @staticmethod

@@ -158,3 +158,28 @@ def test_a_provider_unsubscribed_answer_suppresses_the_row_and_the_address(harne
     harness.tick(harness.at(NOON) + timedelta(days=200))
     later = [r for r in harness.log() if r["member_id"] == "w0-again"]
     assert [(r["status"], r["reason"]) for r in later] == [("suppressed", "suppression_list")]
+
+
+def test_a_stop_in_the_middle_of_a_paced_delivery_requeues_what_was_not_handed_over(harness: Harness) -> None:
+    """A rate-limited channel is fed in chunks; SIGTERM between chunks puts the rest back in the queue (never
+    'unknown': they were not attempted) and the next tick sends them."""
+    stopping = {"now": False}
+
+    class Paced(RecordingChannel):
+        limiter = type("Limiter", (), {"rate": 0.001})()  # one message per chunk
+
+        def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+            stopping["now"] = True  # the signal arrives while the first chunk is out
+            return super().send_batch(messages)
+
+    paced = Paced()
+    harness.app._channels["email"] = paced
+    harness.members(*LAPSED[:3])
+    harness.app.tick(harness.at(NOON), stop=lambda: stopping["now"])
+    statuses = sorted(r["status"] for r in harness.log())
+    assert statuses == ["queued", "queued", "sent"]
+    assert len(paced.sent) == 1
+    stopping["now"] = False
+    harness.tick(harness.at(NOON) + timedelta(minutes=1))
+    assert sorted(r["status"] for r in harness.log()) == ["sent", "sent", "sent"]
+    assert sorted(m.member_id for m in paced.sent) == ["w0", "w1", "w2"]
