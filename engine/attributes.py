@@ -9,6 +9,7 @@ is caught by validation instead of silently matching nobody.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -28,6 +29,7 @@ class Attribute:
     column: str | None = None  # members column; None for free-form attributes
     json_key: str | None = None  # key in members.attributes
     event_key: str | None = None  # key in the event's properties
+    computed: bool = False  # derived in SQL (engine.computed); loaders put its value in the member mapping
 
     @property
     def is_time(self) -> bool:
@@ -58,10 +60,16 @@ BUILTIN: dict[str, Attribute] = {
 DATE_ATTRIBUTES = ("birthday", "signup_at")
 
 
+COMPUTED = re.compile(r"^(days_since_signup|days_since_last_order|(orders|spend)_last_([1-9][0-9]{0,3})_days)$")
+COMPUTED_EXAMPLES = ("days_since_signup", "days_since_last_order", "orders_last_30_days", "spend_last_365_days")
+
+
 def resolve(name: str, *, allow_event: bool = False) -> Attribute | None:
     """The attribute a condition key names, or None if it names nothing."""
     if name in BUILTIN:
         return BUILTIN[name]
+    if COMPUTED.match(name):
+        return Attribute(name, Kind.NUMBER, computed=True)
     prefix, _, rest = name.partition(".")
     if prefix == "attributes" and rest:
         return Attribute(name, Kind.ANY, json_key=rest)

@@ -24,6 +24,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from engine import attributes as attrs
 from engine.attributes import Attribute, Kind
+from engine.computed import computed_sql
 from engine.durations import parse_duration
 from engine.models import members
 from engine.problems import Problems, did_you_mean
@@ -124,7 +125,7 @@ def _parse_entry(
                                "event.NAME works only in an event trigger's where:, exit_when.where and goal.where")
         return None
     if attribute is None:
-        choices = [*attrs.BUILTIN, *_COMBINATORS]
+        choices = [*attrs.BUILTIN, *_COMBINATORS, *attrs.COMPUTED_EXAMPLES]
         hint = did_you_mean(key, choices)
         extra = " (your own attributes are written attributes.NAME"
         extra += ", event properties event.NAME)" if allow_event else ")"
@@ -257,6 +258,19 @@ def segment_refs(cond: Condition) -> list[SegmentRef]:
     return []
 
 
+def computed_names(cond: Condition, segments: Mapping[str, Condition] | None = None) -> set[str]:
+    """The computed attributes a condition (and the segments it names) needs loaded with each member."""
+    if isinstance(cond, Test):
+        return {cond.attribute.name} if cond.attribute.computed else set()
+    if isinstance(cond, (AllOf, AnyOf)):
+        return set().union(*(computed_names(i, segments) for i in cond.items))
+    if isinstance(cond, NotOf):
+        return computed_names(cond.item, segments)
+    if segments is not None and cond.name in segments:
+        return computed_names(segments[cond.name], segments)
+    return set()
+
+
 def uses_event(cond: Condition, segments: Mapping[str, Condition] | None = None) -> bool:
     if isinstance(cond, Test):
         return cond.attribute.event_key is not None
@@ -292,6 +306,8 @@ def evaluate(
 def _lookup(attribute: Attribute, member: Mapping[str, Any], event: Mapping[str, Any] | None) -> Any:
     if attribute.column is not None:
         return member.get(attribute.column)
+    if attribute.computed:
+        return member.get(attribute.name)
     if attribute.json_key is not None:
         return (member.get("attributes") or {}).get(attribute.json_key)
     return (event or {}).get(attribute.event_key or "")
@@ -361,9 +377,9 @@ def _test_sql(test: Test, now: datetime, dialect: str) -> ColumnElement[bool]:
         raise ValueError(f"{attribute.name} refers to an event and cannot select an audience")
     if attribute.json_key is not None:
         return _json_test_sql(attribute.json_key, op, expected, dialect)
-    col = members.c[attribute.column or ""]
+    col: Any = computed_sql(attribute.name, now, dialect) if attribute.computed else members.c[attribute.column or ""]
     if op == "exists":
-        return col.is_not(None) if expected else col.is_(None)
+        return col.is_not(None) if expected else col.is_(None)  # type: ignore[no-any-return]
     present = col.is_not(None)
     if op in ("before", "within"):
         cutoff: Any = now - expected

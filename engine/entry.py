@@ -19,13 +19,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from engine import queries
+from engine.computed import computed_columns
 from engine.conditions import evaluate, to_sql
 from engine.durations import parse_duration
 from engine.journey import DateTrigger, EventTrigger, Journey, SegmentTrigger
 from engine.models import EnrollmentStatus, UTCDateTime, enrollments, events, journey_state, members
 from engine.report import TickReport
 from engine.timeutil import zone
-from engine.versions import LiveJourney
+from engine.versions import LiveJourney, computed_needed
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -108,8 +109,9 @@ class EntryPhase:
                                                .order_by(events.c.occurred_at, events.c.id))
                  .mappings()]
         member_ids = list({e["member_id"] for e in batch})
+        extra = computed_columns(computed_needed(self.app.versions.all_live()), now, self.app.store.dialect)
         people = {r["id"]: dict(r) for r in conn.execute(
-            select(members).where(members.c.id.in_(member_ids), members.c.forgotten_at.is_(None))).mappings()}
+            select(members, *extra).where(members.c.id.in_(member_ids), members.c.forgotten_at.is_(None))).mappings()}
         open_rows = [dict(r) for r in conn.execute(
             select(enrollments.c.id, enrollments.c.journey_id, enrollments.c.journey_version,
                    enrollments.c.member_id, enrollments.c.status, enrollments.c.entered_at,

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, select
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine import audit, queries, sms
 from engine import unsubscribe as unsub
+from engine.computed import computed_columns
 from engine.context import ContextBuilder
 from engine.exceptions import TemplateRenderError
 from engine.journey import SendStep, SplitStep
@@ -30,7 +31,7 @@ from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, 
 from engine.report import TickReport
 from engine.safety import Rails, Reason, Verdict, add_suppressions
 from engine.steps import Transition, advance, apply_update
-from engine.versions import LiveJourney, VersionCache
+from engine.versions import LiveJourney, VersionCache, computed_needed
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -67,12 +68,14 @@ class Runner:
         self.cache: VersionCache = app.versions
         self._links: dict[tuple[str, str], str] = {}
         self._new_suppressions: list[tuple[str, str, str]] = []
+        self._live: dict[str, LiveJourney] = {}
 
     # ------------------------------------------------------------------ enrollments
 
     def run_due(self, now: datetime, live: dict[str, LiveJourney], report: TickReport,
                 stop: Callable[[], bool]) -> None:
         running = [j.id for j in live.values() if j.journey.runs]
+        self._live = live
         config = self.app.config
         lease = now + timedelta(seconds=config.scheduler.lease_seconds)
         while not stop():
@@ -83,12 +86,13 @@ class Runner:
                 return
             self._run_batch(ids, now, report, stop)
 
-    def _load(self, conn: Connection, ids: list[int]) -> list[dict[str, Any]]:
+    def _load(self, conn: Connection, ids: list[int], now: datetime) -> list[dict[str, Any]]:
+        extra = computed_columns(computed_needed(self._live.values()), now, self.app.store.dialect)
         stmt = (
             select(
                 enrollments.c.id.label("enrollment_id"), enrollments.c.journey_id, enrollments.c.journey_version,
                 enrollments.c.step, enrollments.c.variant, enrollments.c.event_id, enrollments.c.waiting_for,
-                events.c.properties.label("event_properties"), *members.c,
+                events.c.properties.label("event_properties"), *members.c, *extra,
             )
             .select_from(enrollments.join(members, members.c.id == enrollments.c.member_id)
                          .outerjoin(events, events.c.id == enrollments.c.event_id))
@@ -101,7 +105,7 @@ class Runner:
         app = self.app
         rails = Rails(app.config)
         with app.store.connect() as conn:
-            rows = self._load(conn, ids)
+            rows = self._load(conn, ids, now)
             rails.prepare(conn, rows, now)
             journeys = {}
             for row in rows:

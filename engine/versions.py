@@ -8,16 +8,17 @@ removed is retired (no new entries, no further sends).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from engine.conditions import Condition
+from engine.conditions import Condition, computed_names
 from engine.journey import Journey
 from engine.models import journey_state, journey_versions
-from engine.rulebook import Rulebook, journey_from_definition, snapshot, stored_segments
+from engine.rulebook import Rulebook, journey_conditions, journey_from_definition, snapshot, stored_segments
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ class LiveJourney:
     @property
     def id(self) -> str:
         return self.journey.id
+
+
+def computed_needed(journeys: Iterable[LiveJourney]) -> set[str]:
+    """Computed attributes any condition of these journeys uses: loaded with each member on the Python paths."""
+    needed: set[str] = set()
+    for live in journeys:
+        for condition in journey_conditions(live.journey):
+            needed |= computed_names(condition, live.segments)
+    return needed
 
 
 class VersionCache:
@@ -53,6 +63,10 @@ class VersionCache:
 
     def put(self, live: LiveJourney) -> None:
         self._cache[(live.id, live.version)] = live
+
+    def all_live(self) -> list[LiveJourney]:
+        """Every version loaded so far (current ones and those members are still finishing)."""
+        return list(self._cache.values())
 
 
 def sync(conn: Connection, dialect: str, book: Rulebook, cache: VersionCache, now: datetime) -> dict[str, LiveJourney]:

@@ -1,0 +1,64 @@
+"""Computed member attributes, defined once in SQL.
+
+Audience selection compares these expressions in the database; the Python
+paths (``if`` steps, event filters) get the very same values loaded with the
+member (``computed_columns``), so both evaluators agree by construction.
+
+- ``days_since_signup``, ``days_since_last_order``: whole days (NULL if never)
+- ``orders_last_N_days``, ``spend_last_N_days``: purchases recorded as events in the last N days
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Float, Integer, and_, cast, func, literal, select
+from sqlalchemy.sql.elements import Label
+
+from engine.models import events, members
+
+_WINDOW = re.compile(r"^(orders|spend)_last_(\d+)_days$")
+
+
+def _naive(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _days_since(column: Any, now: datetime, dialect: str) -> Any:
+    if dialect == "sqlite":
+        stamp = _naive(now).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return cast(func.julianday(literal(stamp)) - func.julianday(column), Integer)
+    seconds = func.extract("epoch", literal(_naive(now)) - column)
+    return cast(func.floor(seconds / 86400), Integer)
+
+
+def computed_sql(name: str, now: datetime, dialect: str) -> Any:
+    """The SQL expression of computed attribute NAME over ``members`` at clock NOW."""
+    if name == "days_since_signup":
+        return _days_since(members.c.signup_at, now, dialect)
+    if name == "days_since_last_order":
+        return _days_since(members.c.last_order_at, now, dialect)
+    match = _WINDOW.match(name)
+    if match is None:
+        raise ValueError(f"unknown computed attribute {name!r}")
+    cutoff = now - timedelta(days=int(match.group(2)))
+    # An alias, correlated to members only: the outer query may itself join events (the triggering event).
+    orders = events.alias("window_events")
+    window = and_(orders.c.member_id == members.c.id, orders.c.type == "purchase",
+                  orders.c.occurred_at >= cutoff, orders.c.occurred_at <= now)
+    if match.group(1) == "orders":
+        return select(func.count()).select_from(orders).where(window).correlate(members).scalar_subquery()
+    if dialect == "sqlite":
+        amount: Any = func.json_extract(orders.c.properties, "$.amount")
+    else:
+        amount = cast(orders.c.properties.op("->>")("amount"), Float)
+    total = select(func.coalesce(func.sum(amount), 0.0)).select_from(orders).where(window)
+    return total.correlate(members).scalar_subquery()
+
+
+def computed_columns(names: Iterable[str], now: datetime, dialect: str) -> list[Label[Any]]:
+    """Labelled columns to add to a SELECT over ``members`` so each row carries these values by name."""
+    return [computed_sql(name, now, dialect).label(name) for name in sorted(set(names))]
