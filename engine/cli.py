@@ -256,17 +256,25 @@ def _tick_line(report: Any) -> None:
 
 
 @main.command()
+@click.option("--no-web", is_flag=True,
+              help="do not start the HTTP service (when `run.py web` serves it, or several daemons share a host)")
 @click.pass_obj
 @handle_errors
-def serve(obj: Ctx) -> None:
-    """Run the scheduler daemon until SIGTERM/SIGINT."""
-    from engine.daemon import Daemon
+def serve(obj: Ctx, no_web: bool) -> None:
+    """Run the scheduler daemon, and the HTTP service on web.listen, until SIGTERM/SIGINT."""
+    from engine.daemon import Daemon, WebThread
 
     logging.getLogger().setLevel(logging.DEBUG if obj.debug else logging.INFO)
     app = obj.app()
+    # The HTTP side gets an App of its own: its rule reloads never race the tick's thread over templates.
+    web_app = None if no_web else obj.app()
     try:
-        Daemon(app).run()
+        app.secret  # noqa: B018 - created once here, before two threads could race to create var/secret.key
+        thread = WebThread(web_app, web_app.config.web.listen) if web_app is not None else None
+        Daemon(app, thread).run()
     finally:
+        if web_app is not None:
+            web_app.close()
         app.close()
 
 
@@ -274,9 +282,15 @@ def serve(obj: Ctx) -> None:
 @click.pass_obj
 @handle_errors
 def web(obj: Ctx) -> None:
-    """Run only the HTTP service (event API, webhooks, unsubscribe pages, health, metrics)."""
-    raise EngineError("the HTTP service is not part of this version yet (it is planned); "
-                      "use `import events` or `event` to record events")
+    """Run only the HTTP service (event API, webhooks, unsubscribe pages, health, metrics) until SIGTERM/SIGINT."""
+    from engine.daemon import serve_http
+
+    logging.getLogger().setLevel(logging.DEBUG if obj.debug else logging.INFO)
+    app = obj.app()
+    try:
+        serve_http(app, app.config.web.listen)
+    finally:
+        app.close()
 
 
 # --------------------------------------------------------------------------- looking

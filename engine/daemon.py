@@ -1,30 +1,137 @@
-"""``run.py serve``: APScheduler as the clock, calling the same tick every scheduler.interval seconds.
+"""The long-running processes: ``run.py serve`` (scheduler, plus the HTTP service in a thread) and ``run.py web``.
 
-APScheduler keeps no state of ours (its 3.x job stores must not be shared
+APScheduler is the clock, calling the same tick every scheduler.interval
+seconds. It keeps no state of ours (its 3.x job stores must not be shared
 between processes); all state lives in our tables, and each tick catches up
 from the database. SIGTERM/SIGINT stop gracefully: the tick in progress stops
-after the batch in hand, its claims are released, then the process exits.
+after the batch in hand, its claims are released, the HTTP service finishes
+the requests in flight, then the process exits.
+
+uvicorn is never allowed its own signal handlers: in ``serve`` the daemon owns
+SIGTERM/SIGINT, and in ``web`` we install ours, so both stop the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import socket
 import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import FrameType
 
+import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from engine.app import App
+from engine.exceptions import ConfigError, EngineError
 
 log = logging.getLogger("engine.daemon")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """web.listen as (host, port): ``127.0.0.1:8080``, ``[::1]:8080``, ``0.0.0.0:8080``; port 0 picks a free one."""
+    host, colon, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"web.listen must be HOST:PORT such as 127.0.0.1:8080, got: {listen!r}")
+    return host, int(port)
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without signal handlers of its own: whoever runs it stops it by setting ``should_exit``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def http_server(app: App, listen: str) -> tuple[QuietServer, socket.socket]:
+    """The HTTP service for APP, and its socket, already bound (so a busy port is our clear error, not uvicorn's
+    sys.exit from inside a thread)."""
+    from engine.web import create_app
+
+    host, port = listen_address(listen)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections queue from here on, so "listening" in our log is already true
+    except OSError as exc:
+        sock.close()
+        raise EngineError(f"cannot listen on {listen} (web.listen): {exc.strerror or exc}") from None
+    config = uvicorn.Config(create_app(app), log_config=None, lifespan="off", timeout_graceful_shutdown=10,
+                            server_header=False)
+    return QuietServer(config), sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_http(app: App, listen: str) -> None:
+    """``run.py web``: serve HTTP in this thread until SIGTERM/SIGINT (a second SIGINT stops at once)."""
+    server, sock = http_server(app, listen)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing the requests in flight, then stopping", signal.Signals(signum).name)
+        server.force_exit = server.should_exit and signum == signal.SIGINT
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    log.info("HTTP service listening on %s (public URL %s)", _url(sock), app.config.web.public_url)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("HTTP service stopped")
+
+
+class WebThread:
+    """The HTTP service inside ``run.py serve``, in a background thread that the daemon starts and stops."""
+
+    def __init__(self, app: App, listen: str) -> None:
+        self.app, self.listen = app, listen
+        self.server: QuietServer | None = None
+        self.socket: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.server, self.socket = http_server(self.app, self.listen)
+        self.url = _url(self.socket)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="web",
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            self.stop()
+            raise EngineError(f"the HTTP service did not start on {self.url}; see the log above")
+        log.info("HTTP service listening on %s (public URL %s)", self.url, self.app.config.web.public_url)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join(timeout)
+        if self.socket is not None:
+            self.socket.close()
 
 
 class Daemon:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, web: WebThread | None = None) -> None:
         self.app = app
+        self.web = web
         self.stopping = threading.Event()
         self.ticks = 0
 
@@ -44,6 +151,16 @@ class Daemon:
 
     def run(self) -> None:
         self.app.store.acquire_process_lock("serve")
+        if self.web is not None:
+            self.web.start()  # first: a busy port stops us before anything is claimed
+        try:
+            self._schedule()
+        finally:
+            # After the scheduler: webhooks and STOP keywords keep flowing until the last tick has finished.
+            if self.web is not None:
+                self.web.stop()
+
+    def _schedule(self) -> None:
         interval = self.app.config.scheduler.interval
         scheduler = BackgroundScheduler(timezone=UTC, job_defaults={
             "coalesce": True, "max_instances": 1,
@@ -52,7 +169,7 @@ class Daemon:
         })
         scheduler.add_job(self.tick, IntervalTrigger(seconds=interval, timezone=UTC), id="tick",
                           next_run_time=datetime.now(UTC))
-        previous = {sig: signal.signal(sig, self._signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._signal) for sig in STOP_SIGNALS}
         book = self.app.rules()
         log.info("serving %d journeys from %s every %ss on %s (worker %s)", len(book.journeys),
                  self.app.config.rules_path, interval, self.app.store.dialect, self.app.worker)
