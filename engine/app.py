@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from channels import Channel, build_channel
@@ -107,6 +107,7 @@ class App:
         report = TickReport(now)
         with self.store.begin() as conn:
             report.add("unknown", queries.reap_unknown(conn, now))
+            queries.prune_webhook_receipts(conn, now - timedelta(days=30))
         live = self.live_journeys(now)
         self.entry.handle_events(now, live, report, stop)
         if not stop():

@@ -97,6 +97,14 @@ class WebConfig(_Strict):
     api_token: str | None = None
     webhook_max_age: int = Field(300, gt=0, description="seconds a signed webhook stays acceptable (replays)")
 
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, colon, port = value.rpartition(":")
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"must be HOST:PORT such as 127.0.0.1:8080, got: {value!r}")
+        return value
+
 
 class QuietHours(_Strict):
     start: str = "21:00"

@@ -105,7 +105,10 @@ class Member(Base):
     updated_at: Mapped[datetime]
     forgotten_at: Mapped[datetime | None]
 
-    __table_args__ = (Index(None, "last_order_at"), Index(None, "signup_at"))
+    __table_args__ = (
+        Index(None, "last_order_at"), Index(None, "signup_at"),
+        Index(None, "phone"), Index(None, "email"),  # inbound SMS and provider opt-outs find members by address
+    )
 
 
 class Event(Base):

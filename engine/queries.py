@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, literal_column, or_, select, update
 from sqlalchemy.sql.elements import ColumnClause
 
-from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, messages
+from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, messages, webhook_receipts
 
 # Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
 # query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
@@ -101,6 +101,12 @@ def requeue_messages(conn: Connection, ids: list[int], worker: str, now: datetim
                              claimed_until=None, updated_at=now))
 
 
+def prune_webhook_receipts(conn: Connection, older_than: datetime) -> int:
+    """Providers resend for a few days at most (SendGrid 72 h): receipts older than that are dead weight."""
+    result = conn.execute(webhook_receipts.delete().where(webhook_receipts.c.received_at < older_than))
+    return int(result.rowcount or 0)
+
+
 def release_enrollment_claims(conn: Connection, worker: str) -> None:
     conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
                  .values(claimed_by=None, claimed_until=None))
@@ -140,7 +146,8 @@ class BulkWriter:
             conn.exec_driver_sql(self._sql(f"INSERT INTO {table} ({{columns}}) VALUES ({{marks}})", names), rows)
 
     def update_by_id(self, conn: Connection, table: str, names: tuple[str, ...],
-                     rows: list[tuple[object, ...]]) -> None:
-        """ROWS are (values for NAMES..., id)."""
+                     rows: list[tuple[object, ...]], only_if: str = "") -> None:
+        """ROWS are (values for NAMES..., id); ONLY_IF is an extra SQL condition (a constant one, no parameters)."""
         if rows:
-            conn.exec_driver_sql(self._sql(f"UPDATE {table} SET {{sets}} WHERE id = {{m}}", names), rows)
+            extra = f" AND {only_if}" if only_if else ""
+            conn.exec_driver_sql(self._sql(f"UPDATE {table} SET {{sets}} WHERE id = {{m}}{extra}", names), rows)

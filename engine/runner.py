@@ -331,7 +331,9 @@ class Runner:
         stamp = w.ts(now)
         w.update_by_id(conn, "messages", _RESULT_COLUMNS, [
             (u["_status"], u["_provider"], u["_error"], u["_attempts"], w.ts(u["_sent"]), w.ts(u["_next"]),
-             u["_reason"], None, None, stamp, u["_id"]) for u in updates])
+             u["_reason"], None, None, stamp, u["_id"]) for u in updates],
+            # A provider's webhook may already have moved the row on (delivered): never overwrite that.
+            only_if="status = 'sending'")
 
     # ------------------------------------------------------------------ queued messages (deferred, retries)
 

@@ -124,7 +124,8 @@ def test_forgetting_a_member_erases_personal_data_and_the_chain_still_verifies(p
 
 def test_serve_ticks_on_its_interval_and_stops_gracefully_on_sigterm(project: Path) -> None:
     config = project / "config.yaml"
-    config.write_text(config.read_text() + "scheduler: {interval: 1}\n", encoding="utf-8")
+    config.write_text(config.read_text() + "scheduler: {interval: 1}\nweb: {listen: \"127.0.0.1:0\"}\n",
+                      encoding="utf-8")
     assert cli(project, "import", "members", str(project / "members.csv")).exit_code == 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "--config", str(config), "serve"],

@@ -183,3 +183,22 @@ def test_a_stop_in_the_middle_of_a_paced_delivery_requeues_what_was_not_handed_o
     harness.tick(harness.at(NOON) + timedelta(minutes=1))
     assert sorted(r["status"] for r in harness.log()) == ["sent", "sent", "sent"]
     assert sorted(m.member_id for m in paced.sent) == ["w0", "w1", "w2"]
+
+
+def test_a_delivery_webhook_faster_than_the_send_answer_is_not_overwritten(harness: Harness) -> None:
+    """The provider's 'delivered' callback can land before we record its 202: the row stays delivered."""
+    from sqlalchemy import update
+
+    from engine.models import messages
+
+    class Fast(RecordingChannel):
+        def send_batch(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
+            with harness.app.store.begin() as conn:  # what engine.webhooks does for a status callback
+                conn.execute(update(messages).where(messages.c.id.in_([m.id for m in batch]))
+                             .values(status="delivered"))
+            return super().send_batch(batch)
+
+    harness.app._channels["email"] = Fast()
+    harness.members(LAPSED[0])
+    harness.tick(NOON)
+    assert [r["status"] for r in harness.log()] == ["delivered"]

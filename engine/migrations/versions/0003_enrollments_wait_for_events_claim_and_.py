@@ -29,10 +29,18 @@ def upgrade() -> None:
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_messages_enrollment_id'), ['enrollment_id'], unique=False)
 
+    with op.batch_alter_table('members', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_members_phone'), ['phone'], unique=False)
+        batch_op.create_index(batch_op.f('ix_members_email'), ['email'], unique=False)
+
 
 
 
 def downgrade() -> None:
+
+    with op.batch_alter_table('members', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_members_email'))
+        batch_op.drop_index(batch_op.f('ix_members_phone'))
 
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_messages_enrollment_id'))
