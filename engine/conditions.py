@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Float, and_, case, false, func, not_, or_, true
+from sqlalchemy import Float, Numeric, and_, case, false, func, literal, not_, or_, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from engine import attributes as attrs
@@ -242,7 +242,10 @@ def _value_kind(value: Any) -> str:
         return "bool"
     if isinstance(value, (int, float)):
         return "number"
-    return "string"
+    if isinstance(value, str):
+        return "string"
+    # A list or object in the free-form attributes is no text: only `exists` applies to it, as in SQL.
+    return "other"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -389,7 +392,15 @@ def _test_sql(test: Test, now: datetime, dialect: str) -> ColumnElement[bool]:
         if op == "before":
             return and_(present, col < cutoff)
         return and_(present, col >= cutoff, col <= upper)
+    if attribute.kind is Kind.NUMBER and dialect != "sqlite":
+        expected = tuple(map(_number_literal, expected)) if op == "in" else _number_literal(expected)
     return and_(present, _compare_sql(op, col, expected))
+
+
+def _number_literal(value: Any) -> Any:
+    # A bare constant takes its column's type: on PostgreSQL `points = 2.5` became `points = 2.5::INTEGER`,
+    # that is `points = 3` (and 2**31 an error). Typed by its own value it compares exactly, as in Python.
+    return literal(value, Float() if isinstance(value, float) else Numeric())
 
 
 def _compare_sql(op: str, col: Any, expected: Any) -> ColumnElement[bool]:
