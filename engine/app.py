@@ -122,6 +122,7 @@ class App:
         return report
 
     def close(self) -> None:
+        self.entry.matchers.close()
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()

@@ -20,9 +20,10 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from engine import queries
 from engine.computed import computed_columns
-from engine.conditions import evaluate, to_sql
+from engine.conditions import to_sql
 from engine.durations import parse_duration
 from engine.journey import DateTrigger, EventTrigger, Journey, SegmentTrigger
+from engine.matching import MatcherCache
 from engine.models import EnrollmentStatus, UTCDateTime, enrollments, events, journey_state, members
 from engine.report import TickReport
 from engine.timeutil import zone
@@ -88,6 +89,7 @@ def _enrollment(live: LiveJourney, member_id: str, trigger_key: str, now: dateti
 class EntryPhase:
     def __init__(self, app: App) -> None:
         self.app = app
+        self.matchers = MatcherCache()
 
     # ------------------------------------------------------------------ events
 
@@ -119,6 +121,9 @@ class EntryPhase:
             .where(enrollments.c.member_id.in_(member_ids),
                    or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings()]
         triggered = [j for j in running if isinstance(j.journey.trigger, EventTrigger)]
+        in_play = {(r["journey_id"], r["journey_version"]) for r in open_rows}
+        versions = [v for v in (self.app.versions.get(conn, *k) for k in sorted(in_play)) if v is not None]
+        matcher = self.matchers.get([*triggered, *versions])
         oldest = now - parse_duration(self.app.config.scheduler.trigger_window)
         histories = _histories(conn, [j.id for j in triggered], member_ids)
         exits: dict[int, str] = {}
@@ -131,13 +136,14 @@ class EntryPhase:
             if member is None:
                 continue
             props = event["properties"] or {}
+            keys = matcher.matches(event["id"], event["type"], props, member, now)
             for row in open_rows:
                 if row["member_id"] != member["id"]:
                     continue
                 version = self.app.versions.get(conn, row["journey_id"], row["journey_version"])
                 if version is None:
                     continue
-                self._goal_and_exit(version, row, event, member, props, now, exits, conversions)
+                self._goal_and_exit(version, row, event, keys, exits, conversions)
                 if row["waiting_for"] == event["type"] and row["status"] == ACTIVE and row["id"] not in resumes \
                         and event["occurred_at"] >= row["entered_at"] and version.journey.has_step(row["step"]):
                     wait = version.journey.step(row["step"])
@@ -146,11 +152,7 @@ class EntryPhase:
                 report.add("stale")
                 continue
             for live in triggered:
-                trigger = live.journey.trigger
-                assert isinstance(trigger, EventTrigger)
-                if trigger.event != event["type"]:
-                    continue
-                if trigger.where is not None and not evaluate(trigger.where, member, now, live.segments, props):
+                if f"trigger:{live.id}:{live.version}" not in keys:
                     continue
                 key = (live.id, member["id"])
                 if not eligible(live.journey, histories.get(key), now):
@@ -178,8 +180,7 @@ class EntryPhase:
                          [{"_id": k, "_why": v} for k, v in exits.items()])
             report.add("exited", len(exits))
         if new_rows:
-            result = conn.execute(_insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing(), new_rows)
-            report.add("enrolled", max(0, result.rowcount) if result.rowcount is not None else len(new_rows))
+            report.add("enrolled", self._insert_enrollments(conn, new_rows))
 
     def _quotas(self, conn: Connection, journeys: Iterable[LiveJourney], now: datetime) -> dict[str, int]:
         """Entries each capped journey may still take today (calendar day in default_timezone)."""
@@ -195,20 +196,14 @@ class EntryPhase:
         return {journey_id: cap - int(counts.get(journey_id, 0)) for journey_id, cap in capped.items()}
 
     @staticmethod
-    def _goal_and_exit(live: LiveJourney, row: dict[str, Any], event: Mapping[str, Any], member: Mapping[str, Any],
-                       props: Mapping[str, Any], now: datetime, exits: dict[int, str],
-                       conversions: dict[int, datetime]) -> None:
-        journey = live.journey
-        at = event["occurred_at"]
-        goal = journey.goal
-        if (goal is not None and goal.event == event["type"] and row["converted_at"] is None
-                and row["id"] not in conversions and row["entered_at"] <= at <= row["entered_at"] + goal.within
-                and (goal.where is None or evaluate(goal.where, member, now, live.segments, props))):
+    def _goal_and_exit(live: LiveJourney, row: dict[str, Any], event: Mapping[str, Any], keys: set[str],
+                       exits: dict[int, str], conversions: dict[int, datetime]) -> None:
+        """KEYS: the rules the event matched (engine.matching); here only the time windows are checked."""
+        tag, at, goal = f"{live.id}:{live.version}", event["occurred_at"], live.journey.goal
+        if (goal is not None and f"goal:{tag}" in keys and row["converted_at"] is None
+                and row["id"] not in conversions and row["entered_at"] <= at <= row["entered_at"] + goal.within):
             conversions[row["id"]] = at
-        rule = journey.exit_when
-        if (rule is not None and rule.event == event["type"] and row["status"] == ACTIVE
-                and at >= row["entered_at"]
-                and (rule.where is None or evaluate(rule.where, member, now, live.segments, props))):
+        if f"exit:{tag}" in keys and row["status"] == ACTIVE and at >= row["entered_at"]:
             exits.setdefault(row["id"], f"exit_when: {event['type']} event")
 
     # ------------------------------------------------------------------ condition exits
@@ -286,7 +281,7 @@ class EntryPhase:
         columns = ["journey_id", "journey_version", "member_id", "trigger_key", "status", "step", "next_run_at",
                    "entered_at"]
         stmt = _insert(self.app.store.dialect)(enrollments).from_select(columns, select_new).on_conflict_do_nothing()
-        return int(conn.execute(stmt).rowcount or 0)
+        return max(0, int(conn.execute(stmt).rowcount or 0))
 
     def _enter_date(self, conn: Connection, journey: LiveJourney, trigger: DateTrigger, cursor: datetime | None,
                     now: datetime, room: int | None = None) -> int:
@@ -326,8 +321,13 @@ class EntryPhase:
             new_rows = new_rows[:room]
         if not new_rows:
             return 0
-        result = conn.execute(_insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing(), new_rows)
-        return int(result.rowcount or 0) if result.rowcount and result.rowcount > 0 else len(new_rows)
+        return self._insert_enrollments(conn, new_rows)
+
+    def _insert_enrollments(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+        """Insert, skipping any the UNIQUE constraints refuse; the count comes from RETURNING because DBAPI
+        row counts of a multi-row insert are not reliable across drivers (psycopg reports -1)."""
+        stmt = _insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing().returning(enrollments.c.id)
+        return len(conn.execute(stmt, rows).all())
 
 
 def _leap(year: int) -> bool:

@@ -1,0 +1,90 @@
+"""Which event rules (triggers, exits, goals) an event matches: durable-rules, behind engine.matcher.
+
+The rule set is built from the journey versions in play and rebuilt when they change. Keys name the journey and
+version: ``trigger:welcome:3``, ``exit:winback:1``, ``goal:winback:1``. If durable-rules cannot take a condition
+(engine.matcher.ConditionTooComplex), that build falls back to evaluating in Python, with the same answers,
+and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from engine.conditions import Condition, evaluate
+from engine.journey import EventTrigger
+from engine.matcher import EventMatcher, MatcherError, MatchRule
+from engine.versions import LiveJourney
+
+log = logging.getLogger(__name__)
+
+
+class Matcher(Protocol):
+    def matches(self, event_id: int, event_type: str, properties: Mapping[str, Any] | None,
+                member: Mapping[str, Any], now: datetime) -> set[str]:
+        """The rule keys this event matches for MEMBER at NOW."""
+
+    def close(self) -> None:
+        """Release what the matcher holds."""
+
+
+def rules_for(journeys: Iterable[LiveJourney]) -> list[MatchRule]:
+    rules: list[MatchRule] = []
+    for live in journeys:
+        journey, tag = live.journey, f"{live.id}:{live.version}"
+        if isinstance(journey.trigger, EventTrigger):
+            rules.append(MatchRule(f"trigger:{tag}", journey.trigger.event, journey.trigger.where, live.segments))
+        if journey.exit_when is not None and journey.exit_when.event:
+            rules.append(MatchRule(f"exit:{tag}", journey.exit_when.event, journey.exit_when.where, live.segments))
+        if journey.goal is not None:
+            rules.append(MatchRule(f"goal:{tag}", journey.goal.event, journey.goal.where, live.segments))
+    return rules
+
+
+class PythonMatcher:
+    """The same answers, evaluated in Python: the fallback, and a reference for tests."""
+
+    def __init__(self, rules: Iterable[MatchRule]) -> None:
+        self.rules = list(rules)
+
+    def matches(self, event_id: int, event_type: str, properties: Mapping[str, Any] | None,
+                member: Mapping[str, Any], now: datetime) -> set[str]:
+        found = set()
+        for rule in self.rules:
+            condition: Condition | None = rule.condition
+            if rule.event_type == event_type and (
+                    condition is None or evaluate(condition, member, now, rule.segments or {}, properties or {})):
+                found.add(rule.key)
+        return found
+
+    def close(self) -> None:
+        self.rules = []
+
+
+class MatcherCache:
+    """One matcher for the current set of journey versions; a new set builds a new one and closes the old."""
+
+    def __init__(self) -> None:
+        self._key: frozenset[tuple[str, int]] | None = None
+        self._matcher: Matcher | None = None
+
+    def get(self, journeys: Iterable[LiveJourney]) -> Matcher:
+        versions = {(j.id, j.version): j for j in journeys}
+        key = frozenset(versions)
+        if self._matcher is None or key != self._key:
+            self.close()
+            rules = rules_for(versions.values())
+            try:
+                self._matcher = EventMatcher(rules)
+            except MatcherError as exc:
+                log.error("event rules fall back to Python evaluation: %s", exc)
+                self._matcher = PythonMatcher(rules)
+            self._key = key
+        return self._matcher
+
+    def close(self) -> None:
+        if self._matcher is not None:
+            self._matcher.close()
+        self._matcher, self._key = None, None
