@@ -1,43 +1,36 @@
-"""Per-event rule matching on durable-rules, behind an interface of our own.
+"""Per-event rule matching on durable-rules 2.0.28, behind an interface of our own.
 
-``EventMatcher`` answers, for one stored event, which rule keys (``trigger:welcome``, ``exit:winback`` …) match
-it for its member at a given clock: for every member, event and condition the answer of
-:func:`engine.conditions.evaluate` (and of ``to_sql``), as tests/test_differential.py checks. How conditions map
-onto durable-rules 2.0.28 (its traps are in LIBRARY_NOTES.md):
+``EventMatcher`` tells which rule keys (``trigger:welcome``, ``exit:winback`` …) a stored event matches for its
+member at a clock: always the answer of ``conditions.evaluate`` and ``to_sql`` (tests/test_differential.py).
+The mapping, and the traps of LIBRARY_NOTES.md it avoids:
 
-* **One ruleset per rule key**, built from data (``set_rulesets`` with the JSON rule format on a ``Host``
-  subclass) and named ``matcher-<build>.<entry>.<part>``, unique in the process; each matcher owns a fresh
-  ``Host``, so a reload never clashes. Not one ruleset for all keys: durable-rules *consumes* an event with the
-  first rule that fires, so it would report one key per event at most. An event is posted to each ruleset of its
-  type with ``id`` = the stored event's primary key (identical events are never merged) and the one shared
-  session ``sid``: no session per member and no facts, so nothing accumulates and neither the 1,024-session cap
-  nor the 32-bit session hash comes into play.
-* **Messages carry int64 codes**, only for the fields that ruleset reads: numbers as an order-preserving key of
-  their IEEE double (numbers compare as doubles, as in PostgreSQL; integers beyond ±2**53 round), strings as
-  their index among the conditions' string constants (0: any other; strings are only tested with eq/ne/in),
-  booleans 0/1, dates as ordinals, date-times as µs since the epoch. No text reaches the C engine, which
-  mis-parses floats such as ``1e+300`` and coerces across types (``true == 1``).
-* **Relative times**: a compiled rule cannot know ``now``, so the message carries the value's *age*. Date-time:
-  ``age = now − value`` in µs, and ``value < now − d`` is ``age > d``. Date: ``age = W − (day + 1)·D``, W the
-  wall clock of ``now`` in µs since 1970-01-01 and D one day, so ``value < (now − d).date()`` is ``age >= d``
-  and ``value <= now.date()`` is ``age >= −D``. Exact; ``now`` needs a fixed offset (the engine's clock is UTC).
-* **Missing values** fail every test but ``exists: false``. durable-rules fails any comparison on an absent
-  field; a value is absent when None or, free-form, of another JSON type than the constant (typed slots:
-  ``attributes.x: {eq: 1}`` never reads ``true`` or ``"1"``). The rule format has no NOT: negation is pushed
-  down to the tests, where "missing or not X" is one comparison on a copy of the field filled with −2**63
-  (``lo``) or 2**63−1 (``hi``) when missing: ``not {gt: c}`` is ``lo <= c``. ``exists`` reads a 0/1 presence
-  field; ``$ex``/``$nex`` are never used (a lone ``$nex`` hangs the engine).
-* **Engine limits** are checked when building, never met at run time: ≤ 15 ``$and``/``$or`` per rule (a
-  32-slot expression sequence), ≤ 240 comparisons per ruleset (an alpha node hangs past 511 children, a message
-  holds ≤ 253 properties). Larger conditions are split into rules (``any`` branches, ``all`` distributed over
-  ``any``) and rulesets; one that still does not fit raises ``ConditionTooComplex``. Every rule starts with the
-  event-type test ``t``: the anchor the engine needs, and the guard that keeps types apart.
-* **No threads.** ``Host`` re-arms a dispatcher ``threading.Timer`` every 0.2 s; ours arms none: actions run
-  inside ``post``, where a dispatcher could take one to its own thread after ``post`` returned (a race on the
-  answer). ``close()`` (or garbage collection) deletes the C rulesets.
-* **Errors**: ``MessageNotHandledException`` means no match. An exception raised inside an action is swallowed
-  into the returned state's ``exception`` key and kept in the session: we reset the session and raise
-  ``MatcherError``.
+* One ruleset per rule key, built from data (``set_rulesets``, JSON rule format, a ``Host`` subclass), named
+  ``matcher-<build>.<entry>.<part>``: unique in the process, on a fresh ``Host`` per matcher, so a reload never
+  clashes. Not one ruleset for all keys: an event is *consumed* by the first rule that fires. Each event is
+  posted to the rulesets of its type with ``id`` = the stored event's primary key and one shared ``sid``: no
+  session per member, no facts, nothing accumulates (no 1,024-session cap, no 32-bit session-hash clash).
+* Messages carry int64 codes for the fields their ruleset reads, no text: numbers as an order-preserving key of
+  their double (as PostgreSQL compares them; integers beyond ±2**53 round), strings as their index among the
+  conditions' constants (0: any other; strings only meet eq/ne/in), booleans 0/1, dates as ordinals,
+  date-times as µs since the epoch. durable-rules mis-parses floats like ``1e+300`` and finds ``true == 1``.
+* ``before``/``within`` need ``now``, which a rule cannot know: the message carries the value's age. Date-time:
+  ``age = now − value`` (µs), ``value < now − d`` is ``age > d``. Date: ``age = W − (day + 1)·D`` with W the
+  wall clock of ``now`` (µs since 1970-01-01) and D a day: ``value < (now − d).date()`` is ``age >= d`` and
+  ``value <= now.date()`` is ``age >= −D``. Exact, given a clock with a fixed offset (the engine's is UTC).
+* A missing value fails every test but ``exists: false``: durable-rules fails comparisons on absent fields, and
+  a value is absent when None or, free-form, of another JSON type than the constant (typed slots). The format
+  has no NOT: negation is pushed down to the tests, where "missing or not X" compares a copy filled with
+  −2**63 (``lo``) or 2**63−1 (``hi``): ``not {gt: c}`` is ``lo <= c``. ``exists`` reads a 0/1 presence field;
+  ``$ex``/``$nex`` are never used (a lone ``$nex`` hangs the engine).
+* Engine limits are met when building, never at run time: ≤ 15 ``$and``/``$or`` per rule, ≤ 240 comparisons per
+  ruleset (an alpha node hangs past 511 children; a message holds ≤ 253 properties). Bigger conditions are
+  split into rules (``any`` halves, ``all`` distributed over ``any``) and rulesets, else ``ConditionTooComplex``.
+  Every rule starts with the event-type test ``t``: the anchor the engine needs, and what keeps types apart.
+* No threads: ``Host`` re-arms a dispatcher ``threading.Timer`` every 0.2 s, which could run an action on its
+  own thread after ``post`` returned (a race on the answer); ours arms none, actions run inside ``post``.
+  ``close()`` (or garbage collection) deletes the C rulesets.
+* ``MessageNotHandledException`` means no match. An exception inside an action is swallowed into the returned
+  state's ``exception`` key and kept in the session: we reset the session and raise ``MatcherError``.
 """
 
 from __future__ import annotations
@@ -71,7 +64,7 @@ _MAX_COMPOUNDS = 14  # besides the rule's own $and: durable-rules allows 15 per 
 _MAX_LEAVES = 240
 _MAX_RULES = 256  # per rule key, after splitting
 _SID = "matcher"
-_RESERVED = ("id", "sid", "t", "$s", "$forward", "label", "chart", "running")  # property names the engine uses
+FIELD_NAMES = 264_602  # f264602 would share its name hash with f6059
 _BUILDS = itertools.count(1)
 _KINDS = {Kind.STRING: "string", Kind.NUMBER: "number", Kind.BOOL: "bool", Kind.DATE: "date",
           Kind.DATETIME: "datetime"}
@@ -299,8 +292,9 @@ def _fit(body: _Expr, key: str) -> list[_Expr]:
         expr = todo.pop()
         if sum(map(_compounds, _conjuncts(expr))) <= _MAX_COMPOUNDS and len(_leaves(expr)) <= _MAX_LEAVES:
             done.append(expr)
-        elif isinstance(expr, _Node) and expr.op == "$or":
-            todo.extend(expr.items)
+        elif isinstance(expr, _Node) and expr.op == "$or":  # halves: as few rules as will fit
+            half = len(expr.items) // 2
+            todo.extend((_join("$or", expr.items[:half]), _join("$or", expr.items[half:])))
         elif isinstance(expr, _Node) and any(isinstance(i, _Node) for i in expr.items):
             pivot = max((i for i in expr.items if isinstance(i, _Node)), key=_compounds)
             rest = [i for i in expr.items if i is not pivot]
@@ -327,24 +321,16 @@ def _groups(bodies: list[_Expr]) -> list[list[_Expr]]:
     return groups
 
 
-def _fnv1a(text: str) -> int:
-    """durable-rules' 32-bit property-name hash: two names with one hash would read one property."""
-    value = 0x811C9DC5
-    for byte in text.encode():
-        value = ((value ^ byte) * 0x01000193) & 0xFFFF_FFFF
-    return value
-
-
 def _field_names() -> Callable[[_Field], str]:
-    """Short property names for fields, distinct under durable-rules' name hash."""
+    """Property names f0, f1 … for fields. durable-rules finds a property by its 32-bit FNV-1a name hash only;
+    f0 … f264601 and the engine's own names hash apart (tests/test_matcher.py checks): never more are made."""
     names: dict[_Field, str] = {}
-    taken = {_fnv1a(n) for n in _RESERVED}
-    candidates = (f"f{i}" for i in itertools.count())
 
     def name(field: _Field) -> str:
         if field not in names:
-            names[field] = next(n for n in candidates if _fnv1a(n) not in taken)
-            taken.add(_fnv1a(names[field]))
+            if len(names) >= FIELD_NAMES:
+                raise ConditionTooComplex(f"more than {FIELD_NAMES} distinct fields for one event matcher")
+            names[field] = f"f{len(names)}"
         return names[field]
 
     return name
