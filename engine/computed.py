@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, Integer, and_, cast, func, literal, select
+from sqlalchemy import Float, Integer, and_, case, cast, func, literal, select
 from sqlalchemy.sql.elements import Label
 
 from engine.models import events, members
@@ -30,7 +30,9 @@ def _naive(value: datetime) -> datetime:
 def _days_since(column: Any, now: datetime, dialect: str) -> Any:
     if dialect == "sqlite":
         stamp = _naive(now).strftime("%Y-%m-%d %H:%M:%S.%f")
-        return cast(func.julianday(literal(stamp)) - func.julianday(column), Integer)
+        days = func.julianday(literal(stamp)) - func.julianday(column)
+        whole = cast(days, Integer)  # truncates toward zero; floor it, as PostgreSQL does, for future dates
+        return case((days < whole, whole - 1), else_=whole)
     seconds = func.extract("epoch", literal(_naive(now)) - column)
     return cast(func.floor(seconds / 86400), Integer)
 

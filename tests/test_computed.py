@@ -76,3 +76,21 @@ def test_a_computed_attribute_in_an_event_filter(tmp_path: Path, db_url: str) ->
     h.tick("2026-03-02T04:00:00Z")
     assert [(m.journey, m.step) for m in h.sent() if m.journey == "big_order"] == [("big_order", "vip_call")]
     h.close()
+
+
+def test_days_since_floors_alike_on_both_databases_for_past_and_future_dates(tmp_path: Path, db_url: str) -> None:
+    """A signup date 36 hours in the future is day -2 (floored), 36 hours in the past day 1, in SQL and in the
+    values loaded for Python."""
+    from sqlalchemy import select
+
+    from engine.computed import computed_columns
+    from engine.models import members
+
+    h = Harness(tmp_path, db_url, rules=rules(tmp_path))
+    h.members(person("future", "2026-03-03T16:00:00Z"), person("past", "2026-02-28T16:00:00Z"))
+    now = h.at("2026-03-02T04:00:00Z")
+    with h.app.store.connect() as conn:
+        got = dict(conn.execute(select(members.c.id, *computed_columns(["days_since_signup"], now,
+                                                                       h.app.store.dialect))).all())
+    assert got == {"future": -2, "past": 1}
+    h.close()
