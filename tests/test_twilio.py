@@ -30,7 +30,7 @@ def sms(message_id: int, to: str = "+8613800138000", text: str = "【会员中�
 
 def config(sandbox: TwilioSandbox, **sms_settings: Any) -> Config:
     settings = {"provider": "twilio", "account_sid": sandbox.account_sid, "auth_token": sandbox.auth_token,
-                "from": FROM, "base_url": sandbox.url, "rate_per_second": 0, "timeout": 0.3, **sms_settings}
+                "from": FROM, "base_url": sandbox.url, "rate_per_second": 0, "timeout": 2, **sms_settings}
     return Config.model_validate({"channels": {"sms": settings}, "web": {"public_url": PUBLIC_URL}})
 
 
@@ -112,12 +112,12 @@ def test_wrong_credentials_are_permanent_and_tell_ops_what_to_check(sandbox: Twi
     ("429", "twilio 20429: Too Many Requests"),
     ("500", "twilio 20500: Internal Server Error"),
     ("drop", "RemoteDisconnected"),
-    ("slow", "no answer within 0.3s (timeout)"),
+    ("slow", "no answer within 2s (timeout)"),
 ])
 def test_rate_limits_server_errors_drops_and_timeouts_are_transient(channel: TwilioSMS, sandbox: TwilioSandbox,
                                                                     kind: str, expected: str) -> None:
     sandbox.fail_next(kind)
-    [result] = channel.send_batch([sms(1)])  # the slow answer would come after 5 s: the 0.3 s timeout ends it
+    [result] = channel.send_batch([sms(1)])  # the slow answer would come after 5 s: the 2 s timeout ends it
     assert result.outcome is Outcome.TRANSIENT
     assert expected in (result.error or "")
 
