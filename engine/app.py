@@ -22,6 +22,7 @@ from engine.config import Config
 from engine.entry import EntryPhase
 from engine.exceptions import RulesError
 from engine.loyalty import Loyalty
+from engine.programme import ProgrammePhase
 from engine.report import TickReport
 from engine.rulebook import Rulebook, journey_files, load_rulebook
 from engine.runner import Runner
@@ -48,6 +49,7 @@ class App:
         self._secret: bytes | None = None
         self.runner = Runner(self, self.worker)
         self.entry = EntryPhase(self)
+        self.programme = ProgrammePhase(self)
 
     # ------------------------------------------------------------------ parts
 
@@ -102,12 +104,13 @@ class App:
     # ------------------------------------------------------------------ the engine
 
     def tick(self, now: datetime, stop: Callable[[], bool] = lambda: False) -> TickReport:
-        """One full evaluation pass at NOW: events, exits, entries, due steps, deferred messages."""
+        """One full evaluation pass at NOW: programme upkeep, events, exits, entries, due steps, deferred messages."""
         started = time.perf_counter()
         report = TickReport(now)
         with self.store.begin() as conn:
             report.add("unknown", queries.reap_unknown(conn, now))
             queries.prune_webhook_receipts(conn, now - timedelta(days=30))
+        self.programme.run(now, report)
         live = self.live_journeys(now)
         self.entry.handle_events(now, live, report, stop)
         if not stop():

@@ -52,6 +52,22 @@ BUILTIN: dict[str, Attribute] = {
         Attribute("total_spend", Kind.NUMBER, "total_spend"),
         Attribute("order_count", Kind.NUMBER, "order_count"),
         Attribute("last_order_at", Kind.DATETIME, "last_order_at"),
+        Attribute("last_login_at", Kind.DATETIME, "last_login_at"),
+        Attribute("tier_since", Kind.DATETIME, "tier_since"),
+        Attribute("tier_review_at", Kind.DATETIME, "tier_review_at"),
+        Attribute("qualifying_spend", Kind.NUMBER, "qualifying_spend"),
+        Attribute("qualifying_orders", Kind.NUMBER, "qualifying_orders"),
+        Attribute("points_next_expiry_at", Kind.DATETIME, "points_next_expiry_at"),
+        Attribute("points_next_expiry", Kind.NUMBER, "points_next_expiry"),
+        Attribute("lifecycle_stage", Kind.STRING, "lifecycle_stage"),
+        Attribute("rfm_r", Kind.NUMBER, "rfm_r"),
+        Attribute("rfm_f", Kind.NUMBER, "rfm_f"),
+        Attribute("rfm_m", Kind.NUMBER, "rfm_m"),
+        Attribute("rfm_segment", Kind.STRING, "rfm_segment"),
+        Attribute("aov", Kind.NUMBER, "aov"),
+        Attribute("predicted_clv", Kind.NUMBER, "predicted_clv"),
+        Attribute("churn_risk", Kind.BOOL, "churn_risk"),
+        Attribute("churn_reasons", Kind.STRING, "churn_reasons"),
         Attribute("email_opt_in", Kind.BOOL, "email_opt_in"),
         Attribute("sms_opt_in", Kind.BOOL, "sms_opt_in"),
     )
@@ -60,8 +76,10 @@ BUILTIN: dict[str, Attribute] = {
 DATE_ATTRIBUTES = ("birthday", "signup_at")
 
 
-COMPUTED = re.compile(r"^(days_since_signup|days_since_last_order|(orders|spend)_last_([1-9][0-9]{0,3})_days)$")
-COMPUTED_EXAMPLES = ("days_since_signup", "days_since_last_order", "orders_last_30_days", "spend_last_365_days")
+COMPUTED = re.compile(r"^(days_since_signup|days_since_last_order|(orders|spend)_last_([1-9][0-9]{0,3})_days"
+                      r"|points_expiring_([1-9][0-9]{0,3})_days)$")
+COMPUTED_EXAMPLES = ("days_since_signup", "days_since_last_order", "orders_last_30_days", "spend_last_365_days",
+                     "points_expiring_30_days")
 
 
 def resolve(name: str, *, allow_event: bool = False) -> Attribute | None:

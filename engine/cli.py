@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from engine import audit, funnel, messagelog
+from engine import audit, funnel, messagelog, programme_report
 from engine import logs as logsetup
 from engine import members as member_ops
 from engine.config import Config, load_config
@@ -132,7 +132,7 @@ def import_group() -> None:
 def _print_import(file: Path, what: str, report: Any) -> None:
     for line in report.lines(str(file)):
         click.echo(line, err=True)
-    extra = f" ({report.triggered} tier changes recorded)" if getattr(report, "triggered", 0) else ""
+    extra = f" ({report.tier_changes} tier changes recorded)" if getattr(report, "tier_changes", 0) else ""
     click.echo(f"{what}: {report.loaded} loaded, {len(report.skipped)} skipped{extra}")
     if report.skipped:
         sys.exit(1)
@@ -191,7 +191,7 @@ def event(obj: Ctx, member_id: str, event_type: str, props: tuple[str, ...], at:
     report = record_events(app.store, [(1, row, None)], loyalty, datetime.now(UTC), "cli")
     if report.skipped:
         raise InputError(report.skipped[0][1])
-    extra = f"; it also raised the member's tier ({report.triggered} tier_changed event)" if report.triggered else ""
+    extra = "; it also raised the member's tier (a tier_changed event)" if report.tier_changes else ""
     click.echo(f"recorded {event_type} for {member_id} at {when.isoformat()}{extra}")
 
 
@@ -342,11 +342,27 @@ def log_cmd(obj: Ctx, member: str | None, journey: str | None, status: str | Non
 @main.command()
 @click.option("--journey", default=None)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
+@click.option("--programme", is_flag=True, help="the loyalty programme instead: tiers, lifecycle, points, movements")
+@click.option("--from", "from_text", default=None, help="with --programme: start of the period (default: 30 days ago)")
+@click.option("--to", "to_text", default=None, help="with --programme: end of the period (default: now)")
 @click.pass_obj
 @handle_errors
-def report(obj: Ctx, journey: str | None, fmt: str) -> None:
-    """Funnel and conversion figures per journey."""
+def report(obj: Ctx, journey: str | None, fmt: str, programme: bool, from_text: str | None,
+           to_text: str | None) -> None:
+    """Funnel and conversion figures per journey, or with --programme the loyalty programme's."""
     app = obj.app()
+    if programme:
+        until = instant(to_text, "--to") or datetime.now(UTC)
+        since = instant(from_text, "--from") or until - timedelta(days=30)
+        if fmt == "html":
+            raise InputError("--programme prints table or json")
+        loyalty = app.rules().loyalty
+        with app.store.connect() as conn:
+            item = programme_report.figures(conn, loyalty, since, until)
+        app.store.close()
+        click.echo(programme_report.as_json(item) if fmt == "json" else
+                   programme_report.as_table(item, loyalty, app.config.default_locale))
+        return
     with app.store.connect() as conn:
         items = funnel.figures(conn, journey)
     app.store.close()
@@ -383,14 +399,16 @@ def member_group() -> None:
 
 @member_group.command("show")
 @click.argument("member_id")
+@click.option("--at", "at", default=None, help="the clock for windows and expiries (ISO 8601; default now)")
 @click.pass_obj
 @handle_errors
-def member_show(obj: Ctx, member_id: str) -> None:
-    """Member state and history."""
+def member_show(obj: Ctx, member_id: str, at: str | None) -> None:
+    """Member state and history: profile, tier and progress, points and expiries, lifecycle, value, journeys."""
     app = obj.app()
     book = app.rules()
+    now = instant(at, "--at") or datetime.now(UTC)
     with app.store.connect() as conn:
-        click.echo(member_ops.show(conn, member_id, book.loyalty, app.config.default_locale))
+        click.echo(member_ops.show(conn, member_id, book.loyalty, app.config.default_locale, now))
     app.store.close()
 
 

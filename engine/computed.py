@@ -6,6 +6,7 @@ member (``computed_columns``), so both evaluators agree by construction.
 
 - ``days_since_signup``, ``days_since_last_order``: whole days (NULL if never)
 - ``orders_last_N_days``, ``spend_last_N_days``: purchases recorded as events in the last N days
+- ``points_expiring_N_days``: points the member holds that expire within the next N days (engine.points)
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from sqlalchemy import Float, Integer, and_, case, cast, func, literal, select
 from sqlalchemy.sql.elements import Label
 
 from engine.models import events, members
+from engine.points import expiring_sql
 
 _WINDOW = re.compile(r"^(orders|spend)_last_(\d+)_days$")
+# An alias, correlated to members only: the outer query may itself join events (the triggering event).
+_WINDOW_EVENTS = events.alias("window_events")
+_EXPIRING = re.compile(r"^points_expiring_(\d+)_days$")
 
 
 def _naive(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def _days_since(column: Any, now: datetime, dialect: str) -> Any:
+def days_since(column: Any, now: datetime, dialect: str) -> Any:
     if dialect == "sqlite":
         stamp = _naive(now).strftime("%Y-%m-%d %H:%M:%S.%f")
         days = func.julianday(literal(stamp)) - func.julianday(column)
@@ -40,15 +45,17 @@ def _days_since(column: Any, now: datetime, dialect: str) -> Any:
 def computed_sql(name: str, now: datetime, dialect: str) -> Any:
     """The SQL expression of computed attribute NAME over ``members`` at clock NOW."""
     if name == "days_since_signup":
-        return _days_since(members.c.signup_at, now, dialect)
+        return days_since(members.c.signup_at, now, dialect)
     if name == "days_since_last_order":
-        return _days_since(members.c.last_order_at, now, dialect)
+        return days_since(members.c.last_order_at, now, dialect)
+    expiring = _EXPIRING.match(name)
+    if expiring is not None:
+        return expiring_sql(now + timedelta(days=int(expiring.group(1))))
     match = _WINDOW.match(name)
     if match is None:
         raise ValueError(f"unknown computed attribute {name!r}")
     cutoff = now - timedelta(days=int(match.group(2)))
-    # An alias, correlated to members only: the outer query may itself join events (the triggering event).
-    orders = events.alias("window_events")
+    orders = _WINDOW_EVENTS
     window = and_(orders.c.member_id == members.c.id, orders.c.type == "purchase",
                   orders.c.occurred_at >= cutoff, orders.c.occurred_at <= now)
     if match.group(1) == "orders":

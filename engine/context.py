@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from engine.attributes import BUILTIN, COMPUTED
 from engine.loyalty import Loyalty
 from engine.timeutil import zone
 
-MEMBER_COLUMNS = ("id", "name", "email", "phone", "birthday", "timezone", "locale", "signup_at", "tier", "points",
-                  "total_spend", "order_count", "last_order_at", "email_opt_in", "sms_opt_in")
+MEMBER_COLUMNS = tuple(a.column for a in BUILTIN.values() if a.column)
 
 
 def member_view(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -19,6 +19,9 @@ def member_view(row: Mapping[str, Any]) -> dict[str, Any]:
     view = dict(attributes)
     for column in MEMBER_COLUMNS:
         view[column] = row.get(column)
+    for key, value in row.items():  # computed attributes loaded with the member (e.g. points_expiring_30_days)
+        if COMPUTED.match(key):
+            view[key] = value
     view["attributes"] = attributes
     return view
 
@@ -51,7 +54,8 @@ class ContextBuilder:
         upcoming = None
         if next_tier is not None:
             upcoming = dict(self.tier(next_tier.id, locale))
-            upcoming["spend_needed"] = max(0.0, next_tier.min_spend - float(member.get("total_spend") or 0))
+            counted = member.get("qualifying_spend", member.get("total_spend"))
+            upcoming["spend_needed"] = max(0.0, next_tier.min_spend - float(counted or 0))
         event_view = dict(event or {})
         for key in ("from", "to"):
             if isinstance(event_view.get(key), str) and event_view.get(key) in {t.id for t in self.loyalty.tiers}:

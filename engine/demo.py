@@ -40,7 +40,7 @@ from engine.config import Config
 from engine.exceptions import InputError
 from engine.ingest import ImportReport, parse_member, record_events, upsert_members
 from engine.loyalty import Loyalty
-from engine.models import MessageStatus, messages
+from engine.models import MessageStatus, members, messages
 from engine.report import TickReport
 from engine.simulate import simulate
 from engine.store import Store
@@ -352,12 +352,13 @@ class Driver:
         if joined:
             with self.app.store.begin() as conn:
                 upsert_members(conn, self.app.store.dialect, [parse_member(r, self.loyalty, region) for r in joined],
-                               now)
+                               now, loyalty=self.loyalty)
         if happened:
             report = record_events(self.app.store, ((i, row, None) for i, row in enumerate(happened, 1)),
                                    self.loyalty, now, "demo")
             self.recorded.loaded += report.loaded
             self.recorded.triggered += report.triggered
+            self.recorded.tier_changes += report.tier_changes
             self.recorded.skipped += report.skipped
 
     def _sent_since(self, now: datetime) -> list[tuple[str, str, str, str]]:
@@ -408,12 +409,12 @@ def run_demo(config: Config, members: int, days: int, seed: int, echo: Callable[
         driver = Driver(app, world, days, echo)
         simulate(app, start, end, TICK, before_tick=driver.before_tick, after_tick=driver.after_tick)
         echo(f"done in {time.perf_counter() - started:.1f}s: {driver.recorded.loaded:,} events recorded, "
-             f"{driver.recorded.triggered:,} tier upgrades")
+             f"{driver.recorded.tier_changes:,} tier upgrades")
         if driver.recorded.skipped:
             echo(f"warning: {len(driver.recorded.skipped)} generated events were rejected, e.g.: "
                  f"{driver.recorded.skipped[0][1]}")
         with app.store.connect() as conn:
-            for line in _summary(conn, db, outboxes):
+            for line in _summary(conn, db, outboxes, loyalty):
                 echo(line)
     finally:
         app.close()
@@ -427,12 +428,12 @@ def _insert(app: App, rows: Iterator[dict[str, Any]], loyalty: Loyalty, now: dat
         for raw in rows:
             batch.append(parse_member(raw, loyalty, region))
             if len(batch) >= BATCH:
-                upsert_members(conn, app.store.dialect, batch, now)
+                upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
                 batch = []
-        upsert_members(conn, app.store.dialect, batch, now)
+        upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
 
 
-def _summary(conn: Connection, db: Path, outboxes: dict[str, Path]) -> list[str]:
+def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loyalty) -> list[str]:
     lines = [f"{'journey':<14}{'entered':>9}{'active':>8}{'completed':>11}{'exited':>8}{'converted':>11}"]
     for f in funnel.figures(conn):
         lines.append(f"{f.journey:<14}{f.entered:>9,}{f.active:>8,}{f.completed:>11,}{f.exited:>8,}"
@@ -447,16 +448,43 @@ def _summary(conn: Connection, db: Path, outboxes: dict[str, Path]) -> list[str]
                            .group_by(messages.c.reason).order_by(func.count().desc())).all()
     if reasons:
         lines.append("  suppressed because: " + ", ".join(f"{r} {int(n):,}" for r, n in reasons))
+    tiers: dict[str, int] = {str(t): int(n) for t, n in conn.execute(
+        select(members.c.tier, func.count()).group_by(members.c.tier))}
+    stages: dict[str | None, int] = {s: int(n) for s, n in conn.execute(
+        select(members.c.lifecycle_stage, func.count()).group_by(members.c.lifecycle_stage))}
+    held = conn.execute(select(func.coalesce(func.sum(members.c.points), 0))).scalar_one()
+    lines.append("programme: " + ", ".join(f"{t} {int(n):,}" for t, n in sorted(
+        tiers.items(), key=lambda kv: -int(kv[1]))) + "; " + ", ".join(
+        f"{s} {int(n):,}" for s, n in stages.items() if s) + f"; {int(held):,} points held")
     lines.append(f"database: {db}")
     lines.append(f"outboxes: {outboxes['email']}, {outboxes['sms']}")
     lines.append("try next:")
     run = _command_prefix()
-    lines += [f"  {run} log --format jsonl | head", f"  {run} log --status suppressed", f"  {run} report"]
+    lines += [f"  {run} log --format jsonl | head", f"  {run} log --status suppressed", f"  {run} report",
+              f"  {run} report --programme"]
     showcase = _showcase_member(conn)
     if showcase:
         lines.append(f"  {run} member show {showcase}")
+    near = _near_next_tier(conn, loyalty)
+    if near is not None:
+        member_id, needed = near
+        lines.append(f"  {run} member show {member_id}   # {needed:,.2f} short of the next tier; then:")
+        lines.append(f"  {run} event {member_id} purchase --prop amount={int(needed) + 1} --prop order_id=DEMO-1 "
+                     f"&& {run} tick")
     lines.append(f"  {run} audit verify")
     return lines
+
+
+def _near_next_tier(conn: Connection, loyalty: Loyalty) -> tuple[str, float] | None:
+    """A member of the lowest tier with email consent whose qualifying spend is closest below the next tier."""
+    if len(loyalty.tiers) < 2:
+        return None
+    threshold = loyalty.tiers[1].min_spend
+    row = conn.execute(select(members.c.id, members.c.qualifying_spend)
+                       .where(members.c.tier == loyalty.tiers[0].id, members.c.email_opt_in.is_(True),
+                              members.c.email.is_not(None), members.c.qualifying_spend < threshold)
+                       .order_by(members.c.qualifying_spend.desc(), members.c.id).limit(1)).first()
+    return None if row is None else (str(row[0]), threshold - float(row[1]))
 
 
 def _showcase_member(conn: Connection) -> str | None:

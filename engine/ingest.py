@@ -9,6 +9,7 @@ the tier (which records a ``tier_changed`` event that journeys can trigger on).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -24,10 +25,12 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Connection, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from engine import intelligence, points
 from engine.exceptions import InputError
 from engine.loyalty import Loyalty
 from engine.models import events, members
 from engine.store import Store
+from engine.tiers import Purchases, load_purchases, next_review, window_start
 from engine.timeutil import parse_date, parse_instant, valid_zone
 
 BATCH = 1000
@@ -47,7 +50,8 @@ _NUMBER = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?$")
 class ImportReport:
     loaded: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
-    triggered: int = 0  # events recorded as a consequence (tier changes)
+    triggered: int = 0  # events recorded as a consequence (points_earned, tier_changed)
+    tier_changes: int = 0
 
     def lines(self, file: str) -> list[str]:
         return [f"{file}:{line}: {reason}; row skipped" for line, reason in self.skipped]
@@ -243,10 +247,72 @@ def _zone_text(value: Any) -> str | None:
     return text
 
 
-def upsert_members(conn: Connection, dialect: str, rows: list[dict[str, Any]], now: datetime) -> None:
-    """Insert or update validated member rows (see parse_member) in one statement per column shape."""
+def upsert_members(conn: Connection, dialect: str, rows: list[dict[str, Any]], now: datetime, *,
+                   loyalty: Loyalty) -> None:
+    """Insert or update validated member rows (see parse_member) in one statement per column shape.
+
+    Around the upsert, the loyalty programme's books follow: a ``points`` value becomes a ledger adjustment of
+    the difference, added spend becomes a ``spend_imported`` event at the last order time (so it counts for tier
+    qualification like a purchase made then), and tier review dates and member intelligence are set.
+    """
     if not rows:
         return
+    ids = [row["id"] for row in rows]
+    old = {r.id: r for r in conn.execute(select(members.c.id, members.c.points, members.c.total_spend,
+                                                members.c.order_count, members.c.last_order_at)
+                                         .where(members.c.id.in_(ids)))}
+    _upsert(conn, dialect, rows, now)
+    _programme_books(conn, rows, old, now, loyalty)
+
+
+def _programme_books(conn: Connection, rows: list[dict[str, Any]], old: dict[str, Any], now: datetime,
+                     loyalty: Loyalty) -> None:
+    moves: list[points.Movement] = []
+    spent: list[dict[str, Any]] = []
+    for row in rows:
+        before = old.get(row["id"])
+        if "points" in row:
+            delta = int(row["points"]) - (int(before.points or 0) if before is not None else 0)
+            if delta:
+                moves.append(points.Movement(row["id"], points.Kind.ADJUST, delta, now,
+                                             f"member import: balance set to {row['points']}"))
+        if "total_spend" in row:
+            extra = float(row["total_spend"]) - (float(before.total_spend or 0) if before is not None else 0.0)
+            orders = int(row.get("order_count") or 0) - (int(before.order_count or 0) if before is not None else 0)
+            if extra > 0:
+                at = row.get("last_order_at") or (before.last_order_at if before is not None else None) or now
+                spent.append({"external_id": None, "member_id": row["id"], "type": "spend_imported",
+                              "occurred_at": min(at, now), "properties": {"amount": round(extra, 2),
+                                                                          "orders": max(0, orders)},
+                              "source": "import", "recorded_at": now, "handled_at": now})
+    points.write(conn, loyalty, moves, now)
+    if spent:
+        conn.execute(events.insert(), spent)
+    ids = [row["id"] for row in rows]
+    lowest = loyalty.tiers[0].id
+    every = loyalty.qualification.review_every
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        conn.execute(update(members).where(members.c.id.in_(chunk), members.c.tier_since.is_(None))
+                     .values(tier_since=now))
+        conn.execute(update(members).where(members.c.id.in_(chunk), members.c.tier_review_at.is_(None),
+                                           members.c.tier != lowest).values(tier_review_at=now + every))
+    spend_rows = [row["id"] for row in rows if "total_spend" in row]
+    if spend_rows:
+        start_at = window_start(loyalty, now)
+        if start_at is None:
+            conn.execute(update(members).where(members.c.id.in_(spend_rows)).values(
+                qualifying_spend=members.c.total_spend, qualifying_orders=members.c.order_count))
+        else:
+            history = load_purchases(conn, spend_rows, start_at)
+            totals = [{"_id": m, "_s": t[0], "_o": t[1]} for m in spend_rows
+                      for t in [history[m].totals(start_at, now) if m in history else (0.0, 0)]]
+            conn.execute(update(members).where(members.c.id == bindparam("_id")).values(
+                qualifying_spend=bindparam("_s"), qualifying_orders=bindparam("_o")), totals)
+    intelligence.refresh(conn, loyalty, now, ids)
+
+
+def _upsert(conn: Connection, dialect: str, rows: list[dict[str, Any]], now: datetime) -> None:
     insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
     # Rows that give different columns cannot share one executemany statement.
     by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -294,15 +360,15 @@ def import_members(store: Store, path: Path, loyalty: Loyalty, region: str, now:
                 report.skipped.append((line, str(exc)))
                 continue
             if member["id"] in seen_in_batch:
-                upsert_members(conn, store.dialect, batch, now)
+                upsert_members(conn, store.dialect, batch, now, loyalty=loyalty)
                 batch, seen_in_batch = [], set()
             batch.append(member)
             seen_in_batch.add(member["id"])
             report.loaded += 1
             if len(batch) >= BATCH:
-                upsert_members(conn, store.dialect, batch, now)
+                upsert_members(conn, store.dialect, batch, now, loyalty=loyalty)
                 batch, seen_in_batch = [], set()
-        upsert_members(conn, store.dialect, batch, now)
+        upsert_members(conn, store.dialect, batch, now, loyalty=loyalty)
     return report
 
 
@@ -346,16 +412,23 @@ def parse_event(row: dict[str, Any], source: str) -> NewEvent:
 
 
 _EFFECT_COLUMNS = ("total_spend", "order_count", "last_order_at", "points", "tier", "signup_at", "email_opt_in",
-                   "sms_opt_in")
+                   "sms_opt_in", "last_login_at", "qualifying_spend", "qualifying_orders", "tier_since",
+                   "tier_review_at")
 
 
 class EventRecorder:
-    """Stores events and applies the built-in types' effects on the member, in batches."""
+    """Stores events and applies the built-in types' effects on the member, in batches.
+
+    Point movements go to the ledger (engine.points) with the event that caused them; purchases are checked
+    against the tier table over the qualification window (engine.tiers) and may upgrade the member at once.
+    """
 
     def __init__(self, conn: Connection, loyalty: Loyalty, now: datetime) -> None:
         self.conn = conn
         self.loyalty = loyalty
         self.now = now
+        self._history: dict[str, Purchases] = {}
+        self._moves: list[tuple[int, points.Movement]] = []  # (index of the causing event in the insert, move)
 
     def record(self, batch: list[tuple[int, NewEvent]], report: ImportReport) -> None:
         ids = list({e.member_id for _, e in batch})
@@ -368,6 +441,11 @@ class EventRecorder:
         if externals:
             known_external = set(self.conn.execute(
                 select(events.c.external_id).where(events.c.external_id.in_(externals))).scalars())
+        buying = [e for _, e in batch if e.type == "purchase" and e.member_id in state]
+        if buying and self.loyalty.qualification.window is not None:
+            since = min(e.at for e in buying) - self.loyalty.qualification.window
+            self._history = load_purchases(self.conn, {e.member_id for e in buying}, since)
+        self._moves = []
         inserts: list[dict[str, Any]] = []
         for line, event in batch:
             member = state.get(event.member_id)
@@ -377,21 +455,26 @@ class EventRecorder:
             if event.external_id and event.external_id in known_external:
                 report.skipped.append((line, f"event {event.external_id!r} was already recorded (duplicate)"))
                 continue
-            if event.external_id:
-                known_external.add(event.external_id)
             try:
-                derived = self._apply(member, event)
+                derived, moves = self._apply(member, event)
             except RowError as exc:
                 report.skipped.append((line, str(exc)))
                 continue
+            if event.external_id:
+                known_external.add(event.external_id)
             changed.add(event.member_id)
+            self._moves.extend((len(inserts), move) for move in moves)
             inserts.append(self._row(event))
             for extra in derived:
                 inserts.append(self._row(extra))
                 report.triggered += 1
+                report.tier_changes += extra.type == "tier_changed"
             report.loaded += 1
         if inserts:
-            self.conn.execute(events.insert(), inserts)
+            ids_back = self.conn.execute(events.insert().returning(events.c.id, sort_by_parameter_order=True),
+                                         inserts).scalars().all()
+            moves = [dataclasses.replace(move, event_id=ids_back[index]) for index, move in self._moves]
+            points.write(self.conn, self.loyalty, moves, self.now)
         # Only members an event really changed (a login changes nothing), in one executemany.
         effects = [{"_id": member_id, **{c: state[member_id][c] for c in _EFFECT_COLUMNS}}
                    for member_id in changed
@@ -400,33 +483,54 @@ class EventRecorder:
             stmt = update(members).where(members.c.id == bindparam("_id")).values(
                 {c: bindparam(c) for c in _EFFECT_COLUMNS} | {"updated_at": self.now})
             self.conn.execute(stmt, effects)
+        if changed:
+            intelligence.refresh(self.conn, self.loyalty, self.now, changed)
 
     def _row(self, event: NewEvent) -> dict[str, Any]:
         return {"external_id": event.external_id, "member_id": event.member_id, "type": event.type,
                 "occurred_at": event.at, "properties": event.properties, "source": event.source,
                 "recorded_at": self.now, "handled_at": None}
 
-    def _apply(self, member: dict[str, Any], event: NewEvent) -> list[NewEvent]:
+    def _earn(self, member: dict[str, Any], event: NewEvent, amount: int, reason: str,
+              derived: list[NewEvent]) -> list[points.Movement]:
+        if amount <= 0:
+            return []
+        member["points"] = int(member["points"] or 0) + amount
+        derived.append(NewEvent(member["id"], "points_earned", event.at, {
+            "points": amount, "balance": member["points"], "reason": reason, "cause": event.type}, None, "engine"))
+        return [points.Movement(member["id"], points.Kind.EARN, amount, event.at, reason)]
+
+    def _apply(self, member: dict[str, Any], event: NewEvent) -> tuple[list[NewEvent], list[points.Movement]]:
         kind, props = event.type, event.properties
+        derived: list[NewEvent] = []
         if kind == "purchase":
             amount = float(props["amount"])
-            tier = self.loyalty.tier(member["tier"])
             member["total_spend"] = float(member["total_spend"] or 0) + amount
             member["order_count"] = int(member["order_count"] or 0) + 1
             last = member["last_order_at"]
             member["last_order_at"] = event.at if last is None or event.at > last else last
-            member["points"] = int(member["points"] or 0) + int(amount * self.loyalty.points_per_unit
-                                                                 * tier.points_multiplier)
-            return self._tier_change(member, event)
+            order = props.get("order_id")
+            # Points at the tier the member held when buying; an upgrade applies from the next order.
+            moves = self._earn(member, event, self.loyalty.points_for(amount, member["tier"]),
+                               f"purchase {order}" if order not in (None, "") else "purchase", derived)
+            derived.extend(self._tier_change(member, event, amount))
+            return derived, moves
         if kind == "signup" and member["signup_at"] is None:
             member["signup_at"] = event.at
+        elif kind == "login":
+            last = member["last_login_at"]
+            member["last_login_at"] = event.at if last is None or event.at > last else last
         elif kind == "points_redeemed":
-            points = props.get("points")
-            if isinstance(points, bool) or not isinstance(points, int) or points <= 0:
-                raise RowError(f"points_redeemed needs properties.points, a whole number above 0, got: {points!r}")
-            if points > int(member["points"] or 0):
-                raise RowError(f"member {member['id']} has {member['points']} points, cannot redeem {points}")
-            member["points"] = int(member["points"]) - points
+            wanted = props.get("points")
+            if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted <= 0:
+                raise RowError(f"points_redeemed needs properties.points, a whole number above 0, got: {wanted!r}")
+            if wanted > int(member["points"] or 0):
+                raise RowError(f"member {member['id']} has {member['points']} points, cannot redeem {wanted} "
+                               "(insufficient balance)")
+            member["points"] = int(member["points"]) - wanted
+            reward = props.get("reward")
+            return [], [points.Movement(member["id"], points.Kind.REDEEM, -wanted, event.at,
+                                        f"redeemed for {reward}" if reward not in (None, "") else "redeemed")]
         elif kind == "unsubscribe":
             channel = props.get("channel", "all")
             if channel not in ("email", "sms", "all"):
@@ -435,18 +539,32 @@ class EventRecorder:
                 member["email_opt_in"] = False
             if channel in ("sms", "all"):
                 member["sms_opt_in"] = False
-        return []
+        if kind in self.loyalty.points.earn:
+            return derived, self._earn(member, event, self.loyalty.points.earn[kind], kind, derived)
+        return derived, []
 
-    def _tier_change(self, member: dict[str, Any], event: NewEvent) -> list[NewEvent]:
+    def _tier_change(self, member: dict[str, Any], event: NewEvent, amount: float) -> list[NewEvent]:
+        start = window_start(self.loyalty, event.at)
+        if start is None:
+            spend, orders = float(member["total_spend"]), int(member["order_count"])
+        else:
+            history = self._history.setdefault(member["id"], Purchases([]))
+            history.add(event.at, amount)
+            spend, orders = history.totals(start, event.at)
+        member["qualifying_spend"], member["qualifying_orders"] = spend, orders
         old = member["tier"]
-        earned = self.loyalty.tier_for_spend(member["total_spend"])
+        earned = self.loyalty.tier_for(spend, orders)
         # Upgrades are felt at once; downgrades only happen at a review, never on a purchase.
         if self.loyalty.rank(earned.id) <= self.loyalty.rank(old) and old is not None:
             return []
         member["tier"] = earned.id
+        member["tier_since"] = event.at
+        member["tier_review_at"] = None if self.loyalty.rank(earned.id) == 0 else \
+            next_review(event.at, self.loyalty.qualification.review_every)
         if old is None:
             return []
-        props = {"from": old, "to": earned.id, "direction": "up", "cause_order_id": event.properties.get("order_id")}
+        props = {"from": old, "to": earned.id, "direction": "up", "cause_order_id": event.properties.get("order_id"),
+                 "qualifying_spend": round(spend, 2), "qualifying_orders": orders}
         return [NewEvent(member["id"], "tier_changed", event.at, props, None, "engine")]
 
 

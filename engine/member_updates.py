@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, update
 
+from engine import points
 from engine.loyalty import Loyalty
 from engine.models import events, members
 
@@ -18,9 +19,21 @@ def save_member_updates(conn: Connection, changed: list[tuple[dict[str, Any], di
                         loyalty: Loyalty, now: datetime) -> None:
     """CHANGED holds (member before, member after, journey, update step ids) per enrollment."""
     records: list[dict[str, Any]] = []
+    moves: list[points.Movement] = []
     for before, after, live, step_ids in changed:
-        conn.execute(update(members).where(members.c.id == after["id"]).values(
-            points=after["points"], tier=after["tier"], attributes=after["attributes"], updated_at=now))
+        delta = int(after.get("points") or 0) - int(before.get("points") or 0)
+        values: dict[str, Any] = {"points": members.c.points + delta, "tier": after["tier"],
+                                  "attributes": after["attributes"], "updated_at": now}
+        if before.get("tier") != after.get("tier"):
+            values |= {"tier_since": now, "tier_review_at": None if loyalty.rank(after["tier"]) == 0 else
+                       now + loyalty.qualification.review_every}
+        conn.execute(update(members).where(members.c.id == after["id"]).values(values))
+        if delta:
+            reason = f"journey {live.id} step {', '.join(step_ids)}"
+            moves.append(points.Movement(after["id"], points.Kind.ADJUST, delta, now, reason))
+            if delta > 0:
+                records.append(_event(after["id"], "points_earned", now, {
+                    "points": delta, "balance": after.get("points"), "reason": reason, "cause": "journey"}))
         diff = {key: {"from": before.get(key), "to": after.get(key)}
                 for key in ("points", "tier", "attributes") if before.get(key) != after.get(key)}
         records.append(_event(after["id"], "member_updated", now,
@@ -30,6 +43,7 @@ def save_member_updates(conn: Connection, changed: list[tuple[dict[str, Any], di
             records.append(_event(after["id"], "tier_changed", now, {
                 "from": before.get("tier"), "to": after["tier"], "direction": "up" if up else "down",
                 "cause": f"journey {live.id}"}))
+    points.write(conn, loyalty, moves, now)
     if records:
         conn.execute(events.insert(), records)
 

@@ -7,32 +7,25 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from engine import points
 from engine.exceptions import NotFound
 from engine.loyalty import Loyalty
 from engine.models import EnrollmentStatus, enrollments, events, members, messages
+from engine.tiers import load_purchases, window_start
 
 
-def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str) -> str:
+def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str, now: datetime) -> str:
     member = conn.execute(select(members).where(members.c.id == member_id)).mappings().first()
     if member is None:
         raise NotFound(f"member {member_id!r} does not exist")
     m = dict(member)
     locale = m["locale"] or default_locale
-    tier = loyalty.tier(m["tier"])
     lines = [f"member {m['id']}" + ("  (personal data erased)" if m["forgotten_at"] else "")]
     for key in ("name", "email", "phone", "birthday", "timezone", "locale", "signup_at"):
         lines.append(f"  {key:<14} {_show(m[key])}")
     consent = f"email {'yes' if m['email_opt_in'] else 'no'}, sms {'yes' if m['sms_opt_in'] else 'no'}"
     lines.append(f"  {'opt-in':<14} {consent}")
-    lines.append(f"  {'tier':<14} {tier.name(locale, default_locale)} ({tier.id})")
-    upcoming = loyalty.next_tier(tier.id)
-    if upcoming is not None:
-        needed = max(0.0, upcoming.min_spend - float(m["total_spend"] or 0))
-        lines.append(f"  {'next tier':<14} {upcoming.name(locale, default_locale)}: {needed:,.2f} more spend "
-                     f"(at {upcoming.min_spend:,.0f})")
-    lines.append(f"  {'spend':<14} {float(m['total_spend'] or 0):,.2f} over {m['order_count']} orders, "
-                 f"last {_show(m['last_order_at'])}")
-    lines.append(f"  {'points':<14} {m['points']}")
+    lines.extend(_programme(conn, m, loyalty, locale, default_locale, now))
     if m["attributes"]:
         lines.append(f"  {'attributes':<14} {m['attributes']}")
     lines.append("journeys:")
@@ -57,6 +50,52 @@ def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str
     if not recent:
         lines.append("  (none)")
     return "\n".join(lines)
+
+
+def _programme(conn: Connection, m: dict[str, Any], loyalty: Loyalty, locale: str, default_locale: str,
+               now: datetime) -> list[str]:
+    """Tier with progress to the next, points with upcoming expiries, lifecycle, value and churn risk."""
+    tier = loyalty.tier(m["tier"])
+    review = f", review {_day(m['tier_review_at'])}" if m["tier_review_at"] else ""
+    lines = [f"  {'tier':<14} {tier.name(locale, default_locale)} ({tier.id}) since {_day(m['tier_since'])}{review}"]
+    start = window_start(loyalty, now)
+    if start is None:
+        spend, orders, span = float(m["total_spend"] or 0), int(m["order_count"] or 0), "in all"
+    else:
+        history = load_purchases(conn, [m["id"]], start)
+        spend, orders = history[m["id"]].totals(start, now) if m["id"] in history else (0.0, 0)
+        span = f"in the last {loyalty.window_days} days"
+    lines.append(f"  {'qualifying':<14} {spend:,.2f} spend over {orders} orders {span}")
+    upcoming = loyalty.next_tier(tier.id)
+    if upcoming is not None:
+        needs = [f"{max(0.0, upcoming.min_spend - spend):,.2f} more spend (at {upcoming.min_spend:,.0f})"]
+        if upcoming.min_orders > orders:
+            needs.append(f"{upcoming.min_orders - orders} more orders (at {upcoming.min_orders})")
+        lines.append(f"  {'next tier':<14} {upcoming.name(locale, default_locale)}: {' and '.join(needs)}")
+    lines.append(f"  {'spend':<14} {float(m['total_spend'] or 0):,.2f} over {m['order_count']} orders, "
+                 f"last {_show(m['last_order_at'])}")
+    expiring = points.upcoming_expiries(conn, m["id"], now)
+    soon = "; expiring: " + ", ".join(f"{n:,} on {_day(at)}" for at, n in expiring) if expiring else ""
+    lines.append(f"  {'points':<14} {int(m['points'] or 0):,}{soon}")
+    lines.append(f"  {'lifecycle':<14} {m['lifecycle_stage'] or '-'}, last login {_show(m['last_login_at'])}")
+    rfm = (f"RFM {m['rfm_r']}-{m['rfm_f']}-{m['rfm_m']} ({m['rfm_segment']})" if m["rfm_r"] is not None
+           else "RFM - (no orders, or not scored yet)")
+    aov = f"{m['aov']:,.2f}" if m["aov"] is not None else "-"
+    clv = f"{m['predicted_clv']:,.2f}" if m["predicted_clv"] is not None else "-"
+    lines.append(f"  {'value':<14} average order {aov}, predicted CLV {clv}, {rfm}")
+    lines.append(f"  {'churn risk':<14} " + (f"yes ({m['churn_reasons']})" if m["churn_risk"] else "no"))
+    ledger = points.statement(conn, m["id"], limit=5)
+    if ledger:
+        lines.append("points ledger (latest first):")
+        for row in ledger:
+            expiry = f", expires {_day(row['expires_at'])}" if row["expires_at"] else ""
+            lines.append(f"  {_show(row['occurred_at'])} {row['kind']:<6} {row['points']:+,} -> {row['balance']:,}"
+                         f"  {row['reason']}{expiry}")
+    return lines
+
+
+def _day(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d")
 
 
 def _show(value: Any) -> str:

@@ -98,6 +98,25 @@ class Member(Base):
     total_spend: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     order_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_order_at: Mapped[datetime | None]
+    last_login_at: Mapped[datetime | None]
+    # The loyalty programme (engine.loyalty, engine.points): when the current tier was reached and next reviewed.
+    tier_since: Mapped[datetime | None]
+    tier_review_at: Mapped[datetime | None]
+    # Spend and orders over the qualification window, as of the member's latest purchase or review.
+    qualifying_spend: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    qualifying_orders: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    points_next_expiry_at: Mapped[datetime | None]  # engine.points keeps these with the ledger
+    points_next_expiry: Mapped[int | None] = mapped_column(Integer)
+    # Member intelligence (engine.intelligence): refreshed in SQL on a schedule and when the member's events arrive.
+    lifecycle_stage: Mapped[str | None] = mapped_column(String(16))
+    rfm_r: Mapped[int | None] = mapped_column(Integer)
+    rfm_f: Mapped[int | None] = mapped_column(Integer)
+    rfm_m: Mapped[int | None] = mapped_column(Integer)
+    rfm_segment: Mapped[str | None] = mapped_column(String(32))
+    aov: Mapped[float | None] = mapped_column(Float)
+    predicted_clv: Mapped[float | None] = mapped_column(Float)
+    churn_risk: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    churn_reasons: Mapped[str | None] = mapped_column(String(64))
     email_opt_in: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     sms_opt_in: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -108,6 +127,7 @@ class Member(Base):
     __table_args__ = (
         Index(None, "last_order_at"), Index(None, "signup_at"),
         Index(None, "phone"), Index(None, "email"),  # inbound SMS and provider opt-outs find members by address
+        Index("ix_members_tier_review", "tier_review_at"),
     )
 
 
@@ -267,6 +287,38 @@ class AuditHead(Base):
     last_hash: Mapped[str] = mapped_column(String(64))
 
 
+class PointsEntry(Base):
+    """One movement of points. The ledger is append-only; a member's balance is the sum of their rows.
+
+    Positive rows are lots (earned or added) that may expire at ``expires_at``; negative rows (redeemed, expired,
+    taken away) consume lots soonest-expiring first. ``members.points`` caches the sum, written in the same
+    transaction as the rows.
+    """
+
+    __tablename__ = "points_ledger"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    member_id: Mapped[str] = mapped_column(String(64), ForeignKey("members.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # earn | redeem | adjust | expire
+    points: Mapped[int] = mapped_column(Integer)
+    occurred_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    reason: Mapped[str] = mapped_column(String(200))
+    event_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (Index(None, "member_id", "expires_at"), Index(None, "expires_at"))
+
+
+class ProgrammeState(Base):
+    """When the programme's scheduled work (expiry, tier reviews, RFM) last ran; its row is also that work's lock."""
+
+    __tablename__ = "programme_state"
+
+    task: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ran_at: Mapped[datetime]
+
+
 class Suppression(Base):
     __tablename__ = "suppressions"
 
@@ -288,4 +340,6 @@ enrollments = cast(Table, Enrollment.__table__)
 messages = cast(Table, Message.__table__)
 audit_head = cast(Table, AuditHead.__table__)
 suppressions = cast(Table, Suppression.__table__)
+points_ledger = cast(Table, PointsEntry.__table__)
+programme_state = cast(Table, ProgrammeState.__table__)
 webhook_receipts = cast(Table, WebhookReceipt.__table__)

@@ -23,7 +23,7 @@ class TickReport:
         self.seconds += other.seconds
 
     def summary(self) -> str:
-        order = ("events", "stale", "enrolled", "exited", "completed", "converted", "sent", "queued", "suppressed",
-                 "failed", "unknown")
+        order = ("points_expired", "tier_down", "events", "stale", "enrolled", "exited", "completed", "converted",
+                 "sent", "queued", "suppressed", "failed", "unknown")
         parts = [f"{key}={self.counts[key]}" for key in order if self.counts.get(key)]
         return " ".join(parts) or "nothing to do"

@@ -301,7 +301,7 @@ class Service:
                            [{"index": 0, "error": str(exc)}]) from None
         with self.app.store.begin() as conn:
             existed = conn.execute(select(members.c.id).where(members.c.id == row["id"])).first() is not None
-            upsert(conn, self.app.store.dialect, [row], self.clock())
+            upsert(conn, self.app.store.dialect, [row], self.clock(), loyalty=self._loyalty())
         return not existed
 
     # ------------------------------------------------------------------ health and metrics

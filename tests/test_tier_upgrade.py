@@ -38,10 +38,11 @@ def test_a_purchase_over_the_silver_threshold_brings_a_congratulation(harness: H
     assert stored(harness, "lin")["tier"] == "regular"
 
     report = harness.event("lin", "purchase", "2026-03-10T10:00:00+08:00", amount=300, order_id="A-1")
-    assert report.triggered == 1
+    assert report.triggered == 2  # points_earned and tier_changed
     assert stored(harness, "lin")["tier"] == "silver"
     assert tier_events(harness, "lin") == [
-        {"from": "regular", "to": "silver", "direction": "up", "cause_order_id": "A-1"}]
+        {"from": "regular", "to": "silver", "direction": "up", "cause_order_id": "A-1", "qualifying_spend": 5100.0,
+         "qualifying_orders": 1}]
 
     harness.tick("2026-03-10T10:05:00+08:00")
     assert harness.steps_sent("lin") == CONGRATS
@@ -76,7 +77,7 @@ def test_a_purchase_that_stays_below_the_threshold_sends_nothing(harness: Harnes
     """Lin has ¥4,800 and buys for ¥199: ¥4,999 is still a regular member: no event, no message."""
     harness.members(member("lin", "林小雨", 4800))
     report = harness.event("lin", "purchase", "2026-03-10T10:00:00+08:00", amount=199, order_id="A-2")
-    assert report.triggered == 0
+    assert report.triggered == 1  # points_earned only
     harness.tick("2026-03-10T10:05:00+08:00")
     assert harness.sent() == []
     assert harness.log() == []
@@ -91,7 +92,8 @@ def test_a_purchase_that_jumps_two_tiers_names_the_highest(harness: Harness) -> 
     harness.event("zhou", "purchase", "2026-03-10T10:00:00+08:00", amount=20000, order_id="S-9")
     assert stored(harness, "zhou")["tier"] == "gold"
     assert tier_events(harness, "zhou") == [
-        {"from": "regular", "to": "gold", "direction": "up", "cause_order_id": "S-9"}]
+        {"from": "regular", "to": "gold", "direction": "up", "cause_order_id": "S-9", "qualifying_spend": 24800.0,
+         "qualifying_orders": 1}]
 
     harness.tick("2026-03-10T10:05:00+08:00")
     assert harness.steps_sent("zhou") == CONGRATS
@@ -108,7 +110,7 @@ def test_a_purchase_never_moves_a_member_down(harness: Harness) -> None:
     """Gao was made Gold by a review although her recorded spend is only ¥1,000: a ¥100 order keeps her Gold."""
     harness.members(member("gao", "高敏", 1000, tier="gold"))
     report = harness.event("gao", "purchase", "2026-03-10T10:00:00+08:00", amount=100, order_id="G-1")
-    assert report.triggered == 0
+    assert report.triggered == 1  # points_earned only
     harness.tick("2026-03-10T10:05:00+08:00")
     assert stored(harness, "gao")["tier"] == "gold"
     assert tier_events(harness, "gao") == []
