@@ -30,11 +30,17 @@ class Attribute:
     json_key: str | None = None  # key in members.attributes
     event_key: str | None = None  # key in the event's properties
     computed: bool = False  # derived in SQL (engine.computed); loaders put its value in the member mapping
+    choices: tuple[str, ...] = ()  # the only values it takes (validation catches a typo that would match nobody)
 
     @property
     def is_time(self) -> bool:
         return self.kind in (Kind.DATE, Kind.DATETIME)
 
+
+# Member intelligence values (engine.intelligence computes them).
+STAGES = ("new", "active", "silent", "churned")
+RFM_SEGMENTS = ("champions", "loyal", "cannot_lose", "at_risk", "potential_loyalists", "new_customers", "promising",
+                "hibernating", "needs_attention")
 
 BUILTIN: dict[str, Attribute] = {
     a.name: a
@@ -59,11 +65,11 @@ BUILTIN: dict[str, Attribute] = {
         Attribute("qualifying_orders", Kind.NUMBER, "qualifying_orders"),
         Attribute("points_next_expiry_at", Kind.DATETIME, "points_next_expiry_at"),
         Attribute("points_next_expiry", Kind.NUMBER, "points_next_expiry"),
-        Attribute("lifecycle_stage", Kind.STRING, "lifecycle_stage"),
+        Attribute("lifecycle_stage", Kind.STRING, "lifecycle_stage", choices=STAGES),
         Attribute("rfm_r", Kind.NUMBER, "rfm_r"),
         Attribute("rfm_f", Kind.NUMBER, "rfm_f"),
         Attribute("rfm_m", Kind.NUMBER, "rfm_m"),
-        Attribute("rfm_segment", Kind.STRING, "rfm_segment"),
+        Attribute("rfm_segment", Kind.STRING, "rfm_segment", choices=RFM_SEGMENTS),
         Attribute("aov", Kind.NUMBER, "aov"),
         Attribute("predicted_clv", Kind.NUMBER, "predicted_clv"),
         Attribute("churn_risk", Kind.BOOL, "churn_risk"),

@@ -215,6 +215,11 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
         if not isinstance(value, list) or not value or not all(_scalar_ok(attribute, v) for v in value):
             bad(f"a non-empty list of {_KIND_WORDS[kind]} such as [a, b]")
             return None
+        unknown = [v for v in value if attribute.choices and v not in attribute.choices]
+        if unknown:
+            problems.add(mark, f"{where}: {name} is never {unknown[0]!r}"
+                               f"{did_you_mean(str(unknown[0]), attribute.choices)}")
+            return None
         kinds = {_value_kind(v) for v in value}
         if len(kinds) > 1:
             bad("a list of values of one type (all text or all numbers)")
@@ -222,6 +227,9 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
         return Test(attribute, op, tuple(value))
     if not _scalar_ok(attribute, value):
         bad(_KIND_VALUE[kind])
+        return None
+    if attribute.choices and value not in attribute.choices:
+        problems.add(mark, f"{where}: {name} is never {value!r}{did_you_mean(str(value), attribute.choices)}")
         return None
     if op in _ORDERED and (_value_kind(value) != "number"):
         bad("a number (gt/gte/lt/lte compare numbers and dates only)")

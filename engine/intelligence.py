@@ -21,17 +21,31 @@ lowest rank, so equal members always get equal scores. ``rfm_segment`` names the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, and_, case, cast, literal, or_, text, update
+from sqlalchemy import (
+    Connection,
+    Float,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 
-from engine.computed import computed_sql, days_since
 from engine.loyalty import Loyalty
-from engine.models import members
+from engine.models import UTCDateTime, events, members
 
-STAGES = ("new", "active", "silent", "churned")
 CHURN_REASONS = ("no_login", "aov_drop")
 # First match wins; r, f, m are the quintile scores 1-5.
 SEGMENTS = (
@@ -45,60 +59,99 @@ SEGMENTS = (
     ("hibernating", "r <= 2"),
     ("needs_attention", "1 = 1"),
 )
-SEGMENT_NAMES = tuple(name for name, _ in SEGMENTS)
+SEGMENT_NAMES = tuple(name for name, _ in SEGMENTS)  # == attributes.RFM_SEGMENTS (tested)
+_RECENT = events.alias("recent_orders")
 
 
 def _latest(a: Any, b: Any) -> Any:
     return case((a.is_(None), b), (b.is_(None), a), (a > b, a), else_=b)
 
 
-def stage_sql(loyalty: Loyalty, now: datetime) -> Any:
-    life = loyalty.lifecycle
+def _stage(new_cut: Any, active_cut: Any, churn_cut: Any) -> Any:
     active = _latest(members.c.last_order_at, members.c.last_login_at)
     seen = case((active.is_(None), members.c.signup_at), else_=active)
     return case(
-        (members.c.signup_at >= now - life.new_for, literal("new")),
-        (active >= now - life.active_within, literal("active")),
-        (or_(seen.is_(None), seen >= now - life.churned_after), literal("silent")),
+        (members.c.signup_at >= new_cut, literal("new")),
+        (active >= active_cut, literal("active")),
+        (or_(seen.is_(None), seen >= churn_cut), literal("silent")),
         else_=literal("churned"),
     )
 
 
-def _values(loyalty: Loyalty, now: datetime, dialect: str) -> dict[str, Any]:
-    stage = stage_sql(loyalty, now)
+def _tenure_days(dialect: str) -> Any:
+    """Whole days since sign-up at :now (as days_since in engine.computed), with :now a bound parameter."""
+    if dialect == "sqlite":
+        days = func.julianday(bindparam("now_text", type_=String())) - func.julianday(members.c.signup_at)
+        whole = cast(days, Integer)
+        return case((days < whole, whole - 1), else_=whole)
+    seconds = func.extract("epoch", bindparam("now", type_=UTCDateTime()) - members.c.signup_at)
+    return cast(func.floor(seconds / 86400), Integer)
+
+
+def _recent(dialect: str) -> tuple[Any, Any]:
+    """Orders and spend of the member's purchases in (:recent_cut, :now]."""
+    window = and_(_RECENT.c.member_id == members.c.id, _RECENT.c.type == "purchase",
+                  _RECENT.c.occurred_at >= bindparam("recent_cut", type_=UTCDateTime()),
+                  _RECENT.c.occurred_at <= bindparam("now", type_=UTCDateTime()))
+    if dialect == "sqlite":
+        amount: Any = func.json_extract(_RECENT.c.properties, "$.amount")
+    else:
+        amount = cast(_RECENT.c.properties.op("->>")("amount"), Float)
+    count = select(func.count()).select_from(_RECENT).where(window).correlate(members).scalar_subquery()
+    total = select(func.coalesce(func.sum(amount), 0.0)).select_from(_RECENT).where(window)
+    return count, total.correlate(members).scalar_subquery()
+
+
+def _values(dialect: str) -> dict[str, Any]:
+    """The SET clause; every threshold is a bound parameter (see _params), so it is built once per dialect."""
+    stage = _stage(bindparam("new_cut", type_=UTCDateTime()), bindparam("active_cut", type_=UTCDateTime()),
+                   bindparam("churn_cut", type_=UTCDateTime()))
     orders = cast(members.c.order_count, Float)
     aov = case((members.c.order_count > 0, members.c.total_spend / orders), else_=None)
-    tenure = days_since(members.c.signup_at, now, dialect)
+    tenure = _tenure_days(dialect)
     tenure = case((tenure.is_(None), 365), (tenure < 30, 30), else_=tenure)
     retention = case((stage == "churned", 0.0), (stage == "silent", 0.5), else_=1.0)
     # aov × orders per year is spend per year.
     clv = case((members.c.order_count > 0, members.c.total_spend * 365.0 / cast(tenure, Float)
-                * loyalty.intelligence.clv_horizon_years * retention), else_=None)
-    churn = loyalty.churn
-    no_login = and_(members.c.last_login_at.is_not(None), members.c.last_login_at < now - churn.no_login_for)
-    days = max(1, round(churn.recent.total_seconds() / 86400))
-    recent_n = computed_sql(f"orders_last_{days}_days", now, dialect)
-    recent_s = computed_sql(f"spend_last_{days}_days", now, dialect)
+                * bindparam("horizon", type_=Float()) * retention), else_=None)
+    no_login = and_(members.c.last_login_at.is_not(None),
+                    members.c.last_login_at < bindparam("login_cut", type_=UTCDateTime()))
+    recent_n, recent_s = _recent(dialect)
     earlier_n = members.c.order_count - recent_n
     drop = and_(recent_n > 0, earlier_n > 0,
                 cast(recent_s, Float) / cast(recent_n, Float)
-                < churn.aov_drop * (members.c.total_spend - recent_s) / cast(earlier_n, Float))
+                < bindparam("aov_drop", type_=Float()) * (members.c.total_spend - recent_s) / cast(earlier_n, Float))
     reasons = case((and_(no_login, drop), literal("no_login,aov_drop")), (no_login, literal("no_login")),
                    (drop, literal("aov_drop")), else_=None)
     return {"lifecycle_stage": stage, "aov": aov, "predicted_clv": clv, "churn_risk": or_(no_login, drop),
             "churn_reasons": reasons}
 
 
+def _params(loyalty: Loyalty, now: datetime) -> dict[str, Any]:
+    life, churn = loyalty.lifecycle, loyalty.churn
+    return {"new_cut": now - life.new_for, "active_cut": now - life.active_within,
+            "churn_cut": now - life.churned_after, "login_cut": now - churn.no_login_for,
+            "recent_cut": now - churn.recent, "now": now,
+            "now_text": now.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f"),
+            "horizon": loyalty.intelligence.clv_horizon_years, "aov_drop": churn.aov_drop}
+
+
+@functools.cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    everyone = update(members).values(_values(dialect))
+    return everyone, everyone.where(members.c.id.in_(bindparam("ids", expanding=True)))
+
+
 def refresh(conn: Connection, loyalty: Loyalty, now: datetime, member_ids: Iterable[str] | None = None) -> int:
     """Recompute the per-member values for MEMBER_IDS (everyone when None); return rows updated."""
-    dialect = conn.dialect.name
-    stmt = update(members).values(_values(loyalty, now, dialect))
+    everyone, some = _statements(conn.dialect.name)
+    params = _params(loyalty, now)
     if member_ids is None:
-        return int(conn.execute(stmt).rowcount or 0)
+        return int(conn.execute(everyone, params).rowcount or 0)
     ids = sorted(set(member_ids))
     done = 0
     for start in range(0, len(ids), 500):
-        done += int(conn.execute(stmt.where(members.c.id.in_(ids[start:start + 500]))).rowcount or 0)
+        done += int(conn.execute(some, params | {"ids": ids[start:start + 500]}).rowcount or 0)
     return done
 
 

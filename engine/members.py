@@ -28,6 +28,7 @@ def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str
     lines.extend(_programme(conn, m, loyalty, locale, default_locale, now))
     if m["attributes"]:
         lines.append(f"  {'attributes':<14} {m['attributes']}")
+    lines.extend(_ledger(conn, m["id"]))
     lines.append("journeys:")
     rows = conn.execute(select(enrollments).where(enrollments.c.member_id == member_id)
                         .order_by(enrollments.c.entered_at)).mappings().all()
@@ -84,14 +85,17 @@ def _programme(conn: Connection, m: dict[str, Any], loyalty: Loyalty, locale: st
     clv = f"{m['predicted_clv']:,.2f}" if m["predicted_clv"] is not None else "-"
     lines.append(f"  {'value':<14} average order {aov}, predicted CLV {clv}, {rfm}")
     lines.append(f"  {'churn risk':<14} " + (f"yes ({m['churn_reasons']})" if m["churn_risk"] else "no"))
-    ledger = points.statement(conn, m["id"], limit=5)
-    if ledger:
-        lines.append("points ledger (latest first):")
-        for row in ledger:
-            expiry = f", expires {_day(row['expires_at'])}" if row["expires_at"] else ""
-            lines.append(f"  {_show(row['occurred_at'])} {row['kind']:<6} {row['points']:+,} -> {row['balance']:,}"
-                         f"  {row['reason']}{expiry}")
     return lines
+
+
+def _ledger(conn: Connection, member_id: str) -> list[str]:
+    rows = points.statement(conn, member_id, limit=5)
+    lines = ["points ledger (latest first):"]
+    for row in rows:
+        expiry = f", expires {_day(row['expires_at'])}" if row["expires_at"] else ""
+        lines.append(f"  {_show(row['occurred_at'])} {row['kind']:<6} {row['points']:+,} -> {row['balance']:,}"
+                     f"  {row['reason']}{expiry}")
+    return lines if rows else []
 
 
 def _day(value: datetime | None) -> str:

@@ -11,7 +11,7 @@ D all points ever taken::
 expiries of ``member show`` all use it, so they agree with each other, in SQL and in Python.
 
 ``members.points`` caches the balance and ``members.points_next_expiry_at`` / ``points_next_expiry`` the next
-expiry; both are written in the same transaction as the ledger rows they follow from.
+expiry (computed in Python by the same formula); both are written in the same transaction as the ledger rows.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ def apply_deltas(conn: Connection, deltas: dict[str, int], now: datetime) -> Non
 # ---------------------------------------------------------------------------------------------- SQL forms
 # Aliases are built once: building them per statement costs more than running the statement.
 _LOT = points_ledger.alias("lot")
-_NLOT, _BEFORE, _DEBIT = points_ledger.alias("nlot"), points_ledger.alias("before_lot"), points_ledger.alias("debit")
 _DUE_LOT = points_ledger.alias("due_lot")
 
 def _held_by(member_id: Any, horizon: Any, *, strict: bool = False) -> ColumnElement[Any]:
@@ -97,36 +96,41 @@ def expiring_sql(horizon: datetime) -> ColumnElement[Any]:
     return _held_by(members.c.id, horizon)
 
 
-def _next_expiry_sql(now: datetime) -> Any:
-    """The earliest future expiry of points the member still holds, and how many points expire then."""
-    lot, before, debit = _NLOT, _BEFORE, _DEBIT
-    taken = select(func.coalesce(func.sum(-debit.c.points), 0)).where(
-        debit.c.member_id == members.c.id, debit.c.points < 0).scalar_subquery()
-    earned_by = select(func.coalesce(func.sum(before.c.points), 0)).where(
-        before.c.member_id == members.c.id, before.c.points > 0, before.c.expires_at <= lot.c.expires_at
-    ).scalar_subquery()
-    when = select(func.min(lot.c.expires_at)).where(
-        lot.c.member_id == members.c.id, lot.c.points > 0, lot.c.expires_at > now, earned_by > taken
-    ).scalar_subquery()
-    return when
+def refresh_next_expiry(conn: Connection, member_ids: Iterable[str], now: datetime) -> None:
+    """Recompute members.points_next_expiry_at / points_next_expiry for MEMBER_IDS (one read per 500)."""
+    ids = sorted(set(member_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        rows: dict[str, list[tuple[int, datetime | None]]] = {m: [] for m in chunk}
+        for member_id, amount, expires in conn.execute(
+                select(points_ledger.c.member_id, points_ledger.c.points, points_ledger.c.expires_at)
+                .where(points_ledger.c.member_id.in_(chunk))):
+            rows[member_id].append((amount, expires))
+        values = []
+        for member_id, movements in rows.items():
+            upcoming = _expiries(movements, now)
+            when, amount = upcoming[0] if upcoming else (None, None)
+            values.append({"_id": member_id, "_at": when, "_n": amount})
+        conn.execute(update(members).where(members.c.id == bindparam("_id")).values(
+            points_next_expiry_at=bindparam("_at"), points_next_expiry=bindparam("_n")), values)
 
 
-def refresh_next_expiry(conn: Connection, member_ids: Iterable[str] | None, now: datetime) -> None:
-    """Recompute members.points_next_expiry_at / points_next_expiry (all members when MEMBER_IDS is None)."""
-    stmt = update(members).values(points_next_expiry_at=_next_expiry_sql(now))
-    ids = None if member_ids is None else sorted(set(member_ids))
-    if ids is not None and not ids:
-        return
-    chunks: list[list[str] | None] = [None] if ids is None else [ids[i:i + 500] for i in range(0, len(ids), 500)]
-    for chunk in chunks:
-        conn.execute(stmt if chunk is None else stmt.where(members.c.id.in_(chunk)))
-    # How many points expire at that moment: held(next) - held(just before it).
-    amount = _held_by(members.c.id, members.c.points_next_expiry_at) - _held_by(
-        members.c.id, members.c.points_next_expiry_at, strict=True)
-    fill = update(members).values(points_next_expiry=case(
-        (members.c.points_next_expiry_at.is_(None), None), else_=amount))
-    for chunk in chunks:
-        conn.execute(fill if chunk is None else fill.where(members.c.id.in_(chunk)))
+def _expiries(movements: Sequence[tuple[int, datetime | None]], now: datetime) -> list[tuple[datetime, int]]:
+    """(expiry, points) still held, soonest first: held(H) = max(0, E(H) - D) taken lot by lot."""
+    taken = sum(-p for p, _ in movements if p < 0)
+    lots: dict[datetime, int] = {}
+    for p, expires in movements:
+        if p > 0 and expires is not None:
+            lots[expires] = lots.get(expires, 0) + p
+    out: list[tuple[datetime, int]] = []
+    earned = held_before = 0
+    for expires in sorted(lots):
+        earned += lots[expires]
+        held = max(0, earned - taken)
+        if expires > now and held > held_before:
+            out.append((expires, held - held_before))
+        held_before = held
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -140,21 +144,7 @@ def upcoming_expiries(conn: Connection, member_id: str, now: datetime, limit: in
     """(expiry time, points) of the points the member holds, soonest first."""
     rows = conn.execute(select(points_ledger.c.points, points_ledger.c.expires_at)
                         .where(points_ledger.c.member_id == member_id)).all()
-    taken = sum(-p for p, _ in rows if p < 0)
-    lots: dict[datetime, int] = {}
-    for p, expires in rows:
-        if p > 0 and expires is not None:
-            lots[expires] = lots.get(expires, 0) + p
-    out: list[tuple[datetime, int]] = []
-    earned = 0
-    held_before = 0
-    for expires in sorted(lots):
-        earned += lots[expires]
-        held = max(0, earned - taken)
-        if expires > now and held > held_before:
-            out.append((expires, held - held_before))
-        held_before = held
-    return out[:limit]
+    return _expiries([(p, e) for p, e in rows], now)[:limit]
 
 
 def statement(conn: Connection, member_id: str, limit: int = 10) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from engine.intelligence import SEGMENT_NAMES, STAGES
+from engine.attributes import STAGES
+from engine.intelligence import SEGMENT_NAMES
 from engine.loyalty import Loyalty
 from engine.models import events, members, points_ledger
 from engine.points import expiring_sql

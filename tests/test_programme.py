@@ -242,6 +242,23 @@ def test_member_show_and_programme_report(harness: Harness) -> None:
     assert "up   regular -> silver: 1" in table
 
 
+def test_a_misspelt_stage_or_segment_is_a_validation_error(tmp_path: Path) -> None:
+    from engine.attributes import RFM_SEGMENTS
+    from engine.intelligence import SEGMENT_NAMES
+
+    assert SEGMENT_NAMES == RFM_SEGMENTS
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "segments.yaml").write_text(
+        "segments:\n  quiet:\n    condition: {lifecycle_stage: silnet}\n"
+        "  best:\n    condition: {rfm_segment: {in: [champions, loyals]}}\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(rules / "segments.yaml")], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "segments.yaml:3:" in result.output and "lifecycle_stage is never 'silnet'; did you mean 'silent'?" \
+        in result.output
+    assert "rfm_segment is never 'loyals'; did you mean 'loyal'?" in result.output
+
+
 def test_a_loyalty_file_with_mistakes_names_each_line(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     (rules / "journeys").mkdir(parents=True)
