@@ -157,7 +157,7 @@ def import_members_cmd(obj: Ctx, file: Path) -> None:
 @handle_errors
 def import_events_cmd(obj: Ctx, file: Path) -> None:
     """Append events from FILE."""
-    from engine.ingest import import_events
+    from engine.recorder import import_events
 
     app = obj.app()
     report = import_events(app.store, file, app.loyalty(), datetime.now(UTC))
@@ -176,14 +176,15 @@ _PROP = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 @handle_errors
 def event(obj: Ctx, member_id: str, event_type: str, props: tuple[str, ...], at: str | None) -> None:
     """Record one event for a member."""
-    from engine.ingest import _attribute_value, record_events
+    from engine.ingest import attribute_value
+    from engine.recorder import record_events
 
     properties: dict[str, Any] = {}
     for prop in props:
         match = _PROP.match(prop)
         if match is None:
             raise click.BadParameter(f"must be key=value, got: {prop!r}", param_hint="--prop")
-        properties[match.group(1)] = _attribute_value(match.group(2))
+        properties[match.group(1)] = attribute_value(match.group(2))
     when = instant(at, "--at") or datetime.now(UTC)
     app = obj.app()
     loyalty = app.loyalty()

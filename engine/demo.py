@@ -38,9 +38,10 @@ from engine import funnel
 from engine.app import App
 from engine.config import Config
 from engine.exceptions import InputError
-from engine.ingest import ImportReport, parse_member, record_events, upsert_members
+from engine.ingest import ImportReport, parse_member, upsert_members
 from engine.loyalty import Loyalty
 from engine.models import MessageStatus, members, messages
+from engine.recorder import record_events
 from engine.report import TickReport
 from engine.simulate import simulate
 from engine.store import Store

@@ -22,8 +22,9 @@ from sqlalchemy import select
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine.app import App
 from engine.config import load_config
-from engine.ingest import ImportReport, import_members, record_events
+from engine.ingest import ImportReport, import_members
 from engine.models import enrollments, messages
+from engine.recorder import record_events
 from engine.report import TickReport
 from engine.timeutil import parse_instant
 

@@ -43,10 +43,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import webhooks
 from engine.app import App
 from engine.exceptions import RulesError
-from engine.ingest import BATCH, EventRecorder, ImportReport, NewEvent, RowError, parse_event, parse_member
+from engine.ingest import BATCH, ImportReport, RowError, parse_member
 from engine.ingest import upsert_members as upsert
 from engine.loyalty import Loyalty
 from engine.models import enrollments, events, members, messages
+from engine.recorder import EventRecorder, NewEvent, parse_event
 from engine.store import Store
 from engine.unsubscribe import read_token
 

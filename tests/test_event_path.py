@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.ingest import import_events
 from engine.matching import EventMatcher, PythonMatcher
+from engine.recorder import import_events
 from engine.testing import Harness
 
 
