@@ -355,14 +355,14 @@ def report(obj: Ctx, journey: str | None, fmt: str, programme: bool, from_text: 
     if programme:
         until = instant(to_text, "--to") or datetime.now(UTC)
         since = instant(from_text, "--from") or until - timedelta(days=30)
-        if fmt == "html":
-            raise InputError("--programme prints table or json")
         loyalty = app.rules().loyalty
         with app.store.connect() as conn:
             item = programme_report.figures(conn, loyalty, since, until)
         app.store.close()
+        locale = app.config.default_locale
         click.echo(programme_report.as_json(item) if fmt == "json" else
-                   programme_report.as_table(item, loyalty, app.config.default_locale))
+                   programme_report.as_html(item, loyalty, locale) if fmt == "html" else
+                   programme_report.as_table(item, loyalty, locale))
         return
     with app.store.connect() as conn:
         items = funnel.figures(conn, journey)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -93,3 +94,9 @@ def as_table(item: ProgrammeFigures, loyalty: Loyalty, locale: str) -> str:
     lines.append("tier movements:" if item.movements else "tier movements: none")
     lines.extend(f"  {m['direction']:<4} {m['from']} -> {m['to']}: {m['members']:,}" for m in item.movements)
     return "\n".join(lines)
+
+
+def as_html(item: ProgrammeFigures, loyalty: Loyalty, locale: str) -> str:
+    body = html.escape(as_table(item, loyalty, locale))
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Programme report</title></head><body>"
+            f"<h1>Programme report</h1><pre>{body}</pre></body></html>")

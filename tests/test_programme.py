@@ -240,6 +240,8 @@ def test_member_show_and_programme_report(harness: Harness) -> None:
     table = _cli(h, "report", "--programme", "--to", "2026-03-31T00:00:00Z").output
     assert "银卡会员 (silver): 1 (50.0%)" in table
     assert "up   regular -> silver: 1" in table
+    page = _cli(h, "report", "--programme", "--format", "html", "--to", "2026-03-31T00:00:00Z").output
+    assert page.startswith("<!doctype html>") and "银卡会员 (silver): 1 (50.0%)" in page
 
 
 def test_a_misspelt_stage_or_segment_is_a_validation_error(tmp_path: Path) -> None:
