@@ -342,6 +342,13 @@ def _json(expr: _Expr, name: Callable[[_Field], str]) -> dict[str, Any]:
     return {name(expr.field): expr.value} if expr.op == "$eq" else {expr.op: {name(expr.field): expr.value}}
 
 
+def check(entry: RuleEntry, segments: Mapping[str, Condition] | None = None) -> None:
+    """Raise ConditionTooComplex if ENTRY's condition cannot be taken by the event matcher (nothing is built)."""
+    rule = MatchRule(*entry)
+    if rule.condition is not None:
+        _fit(_Compiler().condition(rule.condition, False, rule.segments or segments or {}), rule.key)
+
+
 # --------------------------------------------------------------------------- the matcher
 
 

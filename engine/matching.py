@@ -1,9 +1,10 @@
 """Which event rules (triggers, exits, goals) an event matches: durable-rules, behind engine.matcher.
 
 The rule set is built from the journey versions in play and rebuilt when they change. Keys name the journey and
-version: ``trigger:welcome:3``, ``exit:winback:1``, ``goal:winback:1``. If durable-rules cannot take a condition
-(engine.matcher.ConditionTooComplex), that build falls back to evaluating in Python, with the same answers,
-and says so in the log.
+version: ``trigger:welcome:3``, ``exit:winback:1``, ``goal:winback:1``. A rule whose condition durable-rules
+cannot take (engine.matcher.ConditionTooComplex) is evaluated in Python instead, with the same answers, and the
+log says which; the other rules stay in durable-rules. If durable-rules refuses the build as a whole, every rule
+falls back to Python.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 from engine.conditions import Condition, evaluate
 from engine.journey import EventTrigger
-from engine.matcher import EventMatcher, MatcherError, MatchRule
+from engine.matcher import ConditionTooComplex, EventMatcher, MatcherError, MatchRule, check
 from engine.versions import LiveJourney
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,45 @@ class PythonMatcher:
         self.rules = []
 
 
+class SplitMatcher:
+    """Durable-rules for the rules it can take, Python for the rest; answers are the union."""
+
+    def __init__(self, engine: Matcher, python: PythonMatcher) -> None:
+        self.engine, self.python = engine, python
+
+    @property
+    def python_keys(self) -> set[str]:
+        return {rule.key for rule in self.python.rules}
+
+    def matches(self, event_id: int, event_type: str, properties: Mapping[str, Any] | None,
+                member: Mapping[str, Any], now: datetime) -> set[str]:
+        return (self.engine.matches(event_id, event_type, properties, member, now)
+                | self.python.matches(event_id, event_type, properties, member, now))
+
+    def close(self) -> None:
+        self.engine.close()
+        self.python.close()
+
+
+def build(rules: list[MatchRule]) -> Matcher:
+    """The matcher for RULES: durable-rules where it can, Python where it cannot."""
+    durable: list[MatchRule] = []
+    python: list[MatchRule] = []
+    for rule in rules:
+        try:
+            check(rule)
+            durable.append(rule)
+        except ConditionTooComplex as exc:
+            log.warning("%s is evaluated in Python: %s", rule.key, exc)
+            python.append(rule)
+    try:
+        engine = EventMatcher(durable)
+    except MatcherError as exc:
+        log.error("event rules fall back to Python evaluation: %s", exc)
+        return PythonMatcher(rules)
+    return SplitMatcher(engine, PythonMatcher(python)) if python else engine
+
+
 class MatcherCache:
     """One matcher for the current set of journey versions; a new set builds a new one and closes the old."""
 
@@ -75,12 +115,7 @@ class MatcherCache:
         key = frozenset(versions)
         if self._matcher is None or key != self._key:
             self.close()
-            rules = rules_for(versions.values())
-            try:
-                self._matcher = EventMatcher(rules)
-            except MatcherError as exc:
-                log.error("event rules fall back to Python evaluation: %s", exc)
-                self._matcher = PythonMatcher(rules)
+            self._matcher = build(rules_for(versions.values()))
             self._key = key
         return self._matcher
 

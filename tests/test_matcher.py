@@ -194,6 +194,28 @@ def test_a_condition_too_large_to_split_is_refused_when_building() -> None:
         EventMatcher([MatchRule("exclude_cities", "e", condition(f"{{not: {{attributes.city: {{in: {cities}}}}}}}"))])
 
 
+def test_only_the_rule_too_large_falls_back_to_python(caplog: pytest.LogCaptureFixture) -> None:
+    """One rule durable-rules cannot take does not take the others out of it; the answers stay the same."""
+    from engine.matching import SplitMatcher, build
+
+    cities = "[" + ", ".join(f"c{n}" for n in range(300)) + "]"
+    rules = [MatchRule("exclude_cities", "e", condition(f"{{not: {{attributes.city: {{in: {cities}}}}}}}")),
+             MatchRule("big_spender", "e", condition("{total_spend: {gte: 5000}}")),
+             MatchRule("any_purchase", "purchase", None)]
+    matcher = build(rules)
+    try:
+        assert isinstance(matcher, SplitMatcher) and matcher.python_keys == {"exclude_cities"}
+        assert isinstance(matcher.engine, EventMatcher)
+        assert "exclude_cities is evaluated in Python" in caplog.text
+        for n, city in enumerate(("c5", "elsewhere", "c299")):
+            for spend in (100.0, 9000.0):
+                person = member("li", total_spend=spend, attributes={"city": city})
+                assert matcher.matches(n, "e", {}, person, NOW) == expected(rules, "e", {}, person)
+        assert matcher.matches(9, "purchase", {}, member("li"), NOW) == {"any_purchase"}
+    finally:
+        matcher.close()
+
+
 def test_the_clock_must_have_a_fixed_offset(matcher: EventMatcher) -> None:
     with pytest.raises(ValueError, match="fixed offset"):
         matcher.matches(1, "purchase", {}, member("he"), NOW.astimezone(ZoneInfo("Asia/Shanghai")))
