@@ -380,17 +380,26 @@ def audit_group() -> None:
 @click.pass_obj
 @handle_errors
 def audit_verify(obj: Ctx) -> None:
-    """Check the log's hash chain; exit 1 naming the first bad row."""
+    """Check the log's hash chain and that every points balance equals its ledger; exit 1 naming what is wrong."""
+    from engine import points
+
     app = obj.app()
     with app.store.connect() as conn:
         result = audit.verify(conn)
+        checked, wrong = points.mismatches(conn)
     app.store.close()
     if not result.ok:
         where = f"row {result.first_bad_id}" if result.first_bad_id is not None else "the log"
         click.echo(f"audit FAILED at {where}: {result.problem}", err=True)
         sys.exit(1)
+    if wrong:
+        for member_id, cached, total in wrong:
+            click.echo(f"audit FAILED: member {member_id} shows {cached} points but the ledger sums to {total}",
+                       err=True)
+        sys.exit(1)
     extra = f" ({result.redacted} erased by `member forget`, hashes kept)" if result.redacted else ""
-    click.echo(f"audit ok: {result.rows} rows, hash chain intact{extra}")
+    click.echo(f"audit ok: {result.rows} rows, hash chain intact{extra}; {checked} points balances equal their "
+               "ledgers")
 
 
 @main.group(name="member")

@@ -155,6 +155,18 @@ def statement(conn: Connection, member_id: str, limit: int = 10) -> list[dict[st
     return [dict(r) for r in rows]
 
 
+def mismatches(conn: Connection, limit: int = 5) -> tuple[int, list[tuple[str, int, int]]]:
+    """(members checked, up to LIMIT (member, cached balance, ledger sum) that disagree)."""
+    sums = select(points_ledger.c.member_id, func.sum(points_ledger.c.points).label("total")).group_by(
+        points_ledger.c.member_id).subquery()
+    total = func.coalesce(sums.c.total, 0)
+    checked = int(conn.execute(select(func.count()).select_from(members)).scalar_one())
+    rows = conn.execute(select(members.c.id, members.c.points, total)
+                        .select_from(members.outerjoin(sums, sums.c.member_id == members.c.id))
+                        .where(members.c.points != total).order_by(members.c.id).limit(limit)).all()
+    return checked, [(str(m), int(p), int(t)) for m, p, t in rows]
+
+
 # ---------------------------------------------------------------------------------------------- expiry
 
 def expire_due(conn: Connection, loyalty: Loyalty, since: datetime | None, now: datetime) -> list[tuple[str, int]]:

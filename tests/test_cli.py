@@ -110,6 +110,18 @@ def test_audit_verify_passes_then_names_the_first_altered_row(project: Path) -> 
     assert bad.exit_code == 1 and "row 2" in bad.output and "changed" in bad.output
 
 
+def test_audit_verify_finds_a_points_balance_edited_behind_the_ledger(project: Path) -> None:
+    cli(project, "import", "members", str(project / "members.csv"))
+    ok = cli(project, "audit", "verify")
+    assert ok.exit_code == 0 and "points balances equal their ledgers" in ok.output
+    engine = create_engine(f"sqlite:///{project / 'var' / 'engine.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE members SET points = points + 500 WHERE id = 'c1'"))
+    engine.dispose()
+    bad = cli(project, "audit", "verify")
+    assert bad.exit_code == 1 and "member c1 shows" in bad.output and "the ledger sums to" in bad.output
+
+
 def test_forgetting_a_member_erases_personal_data_and_the_chain_still_verifies(project: Path) -> None:
     cli(project, "import", "members", str(project / "members.csv"))
     cli(project, "tick", "--now", "2026-03-02T12:00:00+08:00")
