@@ -43,6 +43,7 @@ from engine.loyalty import Loyalty
 from engine.models import MessageStatus, members, messages
 from engine.recorder import record_events
 from engine.report import TickReport
+from engine.safety import QuietHours
 from engine.simulate import simulate
 from engine.store import Store
 
@@ -415,7 +416,7 @@ def run_demo(config: Config, members: int, days: int, seed: int, echo: Callable[
             echo(f"warning: {len(driver.recorded.skipped)} generated events were rejected, e.g.: "
                  f"{driver.recorded.skipped[0][1]}")
         with app.store.connect() as conn:
-            for line in _summary(conn, db, outboxes, loyalty):
+            for line in _summary(conn, db, outboxes, loyalty, app.config):
                 echo(line)
     finally:
         app.close()
@@ -434,7 +435,7 @@ def _insert(app: App, rows: Iterator[dict[str, Any]], loyalty: Loyalty, now: dat
         upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
 
 
-def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loyalty) -> list[str]:
+def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loyalty, config: Config) -> list[str]:
     lines = [f"{'journey':<14}{'entered':>9}{'active':>8}{'completed':>11}{'exited':>8}{'converted':>11}"]
     for f in funnel.figures(conn):
         lines.append(f"{f.journey:<14}{f.entered:>9,}{f.active:>8,}{f.completed:>11,}{f.exited:>8,}"
@@ -466,7 +467,7 @@ def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loy
     showcase = _showcase_member(conn)
     if showcase:
         lines.append(f"  {run} member show {showcase}")
-    near = _near_next_tier(conn, loyalty)
+    near = _near_next_tier(conn, loyalty, config)
     if near is not None:
         member_id, needed = near
         lines.append(f"  {run} member show {member_id}   # {needed:,.2f} short of the next tier; then:")
@@ -476,16 +477,24 @@ def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loy
     return lines
 
 
-def _near_next_tier(conn: Connection, loyalty: Loyalty) -> tuple[str, float] | None:
-    """A member of the lowest tier with email consent whose qualifying spend is closest below the next tier."""
+def _near_next_tier(conn: Connection, loyalty: Loyalty, config: Config) -> tuple[str, float] | None:
+    """A member of the lowest tier with email consent whose qualifying spend is closest below the next tier,
+    preferring one outside quiet hours now, so that the congratulation goes at once rather than in the morning."""
     if len(loyalty.tiers) < 2:
         return None
     threshold = loyalty.tiers[1].min_spend
-    row = conn.execute(select(members.c.id, members.c.qualifying_spend)
-                       .where(members.c.tier == loyalty.tiers[0].id, members.c.email_opt_in.is_(True),
-                              members.c.email.is_not(None), members.c.qualifying_spend < threshold)
-                       .order_by(members.c.qualifying_spend.desc(), members.c.id).limit(1)).first()
-    return None if row is None else (str(row[0]), threshold - float(row[1]))
+    rows = conn.execute(select(members.c.id, members.c.qualifying_spend, members.c.timezone)
+                        .where(members.c.tier == loyalty.tiers[0].id, members.c.email_opt_in.is_(True),
+                               members.c.email.is_not(None), members.c.qualifying_spend < threshold)
+                        .order_by(members.c.qualifying_spend.desc(), members.c.id).limit(50)).all()
+    if not rows:
+        return None
+    quiet = config.quiet_hours
+    hours = QuietHours(quiet.start, quiet.end) if quiet is not None else None
+    now = datetime.now(UTC)
+    awake = [r for r in rows if hours is None or hours.release(now, r.timezone, config.default_timezone) is None]
+    best = (awake or rows)[0]
+    return str(best.id), threshold - float(best.qualifying_spend)
 
 
 def _showcase_member(conn: Connection) -> str | None:
