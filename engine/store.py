@@ -130,4 +130,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # A large send touches the message log's indexes all over: 32 MB of page cache per connection (SQLite's
+    # default is 2 MB) keeps them in memory instead of re-reading pages from the OS on every batch.
+    cursor.execute("PRAGMA cache_size=-32768")
+    # Checkpoint the WAL every ~40 MB instead of every ~4 MB: fewer fsyncs of the database file during a send;
+    # commits stay as durable as before (synchronous=NORMAL in WAL mode either way).
+    cursor.execute("PRAGMA wal_autocheckpoint=10000")
     cursor.close()
