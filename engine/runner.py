@@ -113,13 +113,14 @@ class Runner:
         self._live = live
         config = self.app.config
         lease = now + timedelta(seconds=config.scheduler.lease_seconds)
-        while not stop():
-            with self.app.store.begin() as conn:
-                ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
-                                                    running)
-            if not ids:
-                return
-            self._run_batch(ids, now, report, stop)
+        with self.app.store.checkpointing():
+            while not stop():
+                with self.app.store.begin() as conn:
+                    ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
+                                                        running)
+                if not ids:
+                    return
+                self._run_batch(ids, now, report, stop)
 
     def _load(self, conn: Connection, ids: list[int], now: datetime) -> list[dict[str, Any]]:
         extra = computed_columns(computed_needed(self._live.values()), now, self.app.store.dialect)

@@ -128,3 +128,29 @@ def test_the_sandbox_shortcut_answers_as_the_sandbox(tmp_path: Path) -> None:
         else:
             assert str(ours._undefined_hint) == str(theirs._undefined_hint)
             assert ours._undefined_name == theirs._undefined_name
+
+
+def test_writes_go_on_beside_the_wal_checkpointer_which_stops_cleanly(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    from engine.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'engine.db'}")
+    try:
+        with store.checkpointing():
+            with store.begin() as conn:
+                conn.execute(text("CREATE TABLE t (x TEXT)"))
+                conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "y" * 500} for _ in range(2000)])
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with sqlite3.connect(tmp_path / "engine.db") as raw:
+                    busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy == 0 and frames > 0 and copied == frames:
+                    break
+                time.sleep(0.1)
+        assert frames > 0 and copied == frames
+        with store.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 2000
+    finally:
+        store.close()
