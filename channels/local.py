@@ -6,10 +6,40 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import IO
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
+
+_JSON = json.JSONEncoder(ensure_ascii=False)  # what json.dumps(..., ensure_ascii=False) builds on every call
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else str(encode_basestring(value))
+
+
+def _record(m: OutgoingMessage) -> dict[str, object]:
+    return {"id": m.id, "channel": m.channel, "to": m.recipient, "member_id": m.member_id, "journey": m.journey,
+            "step": m.step, "subject": m.subject, "text": m.text, "html": m.html, "headers": m.headers}
+
+
+def _line(m: OutgoingMessage) -> str:
+    """json.dumps(_record(m), ensure_ascii=False), written out: the same text, a few times faster per message.
+
+    Each string goes through the encode_basestring json.dumps itself uses; anything that is not a string or
+    None (encode_basestring refuses it) goes back to json.dumps.
+    """
+    if type(m.id) is not int:
+        return _JSON.encode(_record(m))
+    try:
+        headers = ", ".join(f"{encode_basestring(k)}: {encode_basestring(v)}" for k, v in m.headers.items())
+        return (f'{{"id": {m.id}, "channel": {_text(m.channel)}, "to": {_text(m.recipient)}, '
+                f'"member_id": {_text(m.member_id)}, "journey": {_text(m.journey)}, "step": {_text(m.step)}, '
+                f'"subject": {_text(m.subject)}, "text": {_text(m.text)}, "html": {_text(m.html)}, '
+                f'"headers": {{{headers}}}}}')
+    except TypeError:
+        return _JSON.encode(_record(m))
 
 
 class ConsoleChannel(Channel):
@@ -40,13 +70,7 @@ class OutboxChannel(Channel):
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         if not messages:
             return []
-        lines = []
-        for m in messages:
-            record = {"id": m.id, "channel": m.channel, "to": m.recipient, "member_id": m.member_id,
-                      "journey": m.journey, "step": m.step, "subject": m.subject, "text": m.text, "html": m.html,
-                      "headers": m.headers}
-            lines.append(json.dumps(record, ensure_ascii=False))
-        self._handle.write("\n".join(lines) + "\n")
+        self._handle.write("\n".join([_line(m) for m in messages]) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
         return [SendResult(Outcome.SENT, f"outbox-{m.id}") for m in messages]

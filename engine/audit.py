@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from operator import itemgetter
 from typing import Any
 
@@ -30,15 +31,42 @@ _ALL_VALUES = itemgetter(*MESSAGE_COLUMNS)
 CONTENT_FIELDS = ("recipient", "subject", "body", "html", "template", "locale", "variant")
 
 
+def _canonical(values: list[Any]) -> str:
+    """json.dumps(VALUES, ensure_ascii=False, separators=(",", ":")) for a list of strings and Nones.
+
+    The same text by construction (json.dumps writes each string with this very encode_basestring), without
+    setting up an encoder per row; anything else goes through json.dumps itself.
+    """
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("null")
+        elif type(value) is str:
+            parts.append(encode_basestring(value))
+        else:
+            return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return "[" + ",".join(parts) + "]"
+
+
 def content_hash(row: dict[str, Any]) -> str:
-    blob = json.dumps([row.get(f) for f in CONTENT_FIELDS], ensure_ascii=False, separators=(",", ":"))
+    blob = _canonical([row.get(f) for f in CONTENT_FIELDS])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def chain_hash(prev: str, row: dict[str, Any]) -> str:
+def _stamp(created: datetime) -> str:
+    return created.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def chain_hash(prev: str, row: dict[str, Any], stamps: dict[tuple[datetime, Any], str] | None = None) -> str:
+    """STAMPS: a cache of created_at texts for a batch, whose rows share a few instants."""
     created: datetime = row["created_at"]
+    if stamps is None:
+        stamp = _stamp(created)
+    else:
+        key = (created, created.utcoffset())  # the text shows local fields: equal instants may differ
+        stamp = stamps.get(key) or stamps.setdefault(key, _stamp(created))
     parts = (prev, str(row["id"]), row["member_id"], row["journey"], str(row["journey_version"]), row["step"],
-             row["channel"], created.strftime("%Y-%m-%dT%H:%M:%S.%f"), row["content_hash"])
+             row["channel"], stamp, row["content_hash"])
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -62,6 +90,9 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
     keys = [(r["journey"], r["enrollment_id"], r["step"]) for r in rows]
     existing = _existing_keys(conn, keys)
     inserted: list[dict[str, Any]] = []
+    stamps: dict[tuple[datetime, Any], str] = {}
+    writer = BulkWriter(dialect)
+    conn_rows = []
     for row, key in zip(rows, keys, strict=True):
         if key in existing:
             continue
@@ -70,16 +101,14 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
         row["id"] = seq
         row["content_hash"] = content_hash(row)
         row["prev_hash"] = prev
-        row["hash"] = prev = chain_hash(prev, row)
+        row["hash"] = prev = chain_hash(prev, row, stamps)
         inserted.append(row)
-    if inserted:
-        writer = BulkWriter(dialect)
-        conn_rows = []
-        for r in inserted:
-            values = list(_ALL_VALUES(r))
-            for index in _TIME_INDEXES:
+        values = list(_ALL_VALUES(row))
+        for index in _TIME_INDEXES:
+            if values[index] is not None:
                 values[index] = writer.ts(values[index])
-            conn_rows.append(tuple(values))
+        conn_rows.append(tuple(values))
+    if inserted:
         writer.insert(conn, "messages", MESSAGE_COLUMNS, conn_rows)
         conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_seq=seq, last_hash=prev))
     return inserted

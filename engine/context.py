@@ -5,23 +5,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from engine.attributes import BUILTIN, COMPUTED
-from engine.loyalty import Loyalty
+from engine.loyalty import Loyalty, Tier
 from engine.timeutil import zone
 
 MEMBER_COLUMNS = tuple(a.column for a in BUILTIN.values() if a.column)
+_COLUMN_SET = frozenset(MEMBER_COLUMNS)
 
 
 def member_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """Columns plus free-form attributes (columns win a name clash), and ``attributes`` itself."""
     attributes = row.get("attributes") or {}
-    view = dict(attributes)
-    for column in MEMBER_COLUMNS:
-        view[column] = row.get(column)
-    for key, value in row.items():  # computed attributes loaded with the member (e.g. points_expiring_30_days)
+    get = row.get
+    columns = {column: get(column) for column in MEMBER_COLUMNS}
+    view = {**attributes, **columns} if attributes else columns
+    for key in row.keys() - _COLUMN_SET:  # computed attributes loaded with the member (points_expiring_30_days)
         if COMPUTED.match(key):
-            view[key] = value
+            view[key] = row[key]
     view["attributes"] = attributes
     return view
 
@@ -34,6 +36,9 @@ class ContextBuilder:
         self.default_locale = default_locale
         self.default_timezone = default_timezone
         self._tiers: dict[tuple[str | None, str], dict[str, Any]] = {}
+        self._tier_ids = frozenset(t.id for t in loyalty.tiers)
+        self._next: dict[str | None, Tier | None] = {}
+        self._local_now: dict[tuple[datetime, ZoneInfo], datetime] = {}
 
     def tier(self, tier_id: str | None, locale: str) -> dict[str, Any]:
         key = (tier_id, locale)
@@ -50,24 +55,34 @@ class ContextBuilder:
               event: Mapping[str, Any] | None, unsubscribe_url: str) -> dict[str, Any]:
         locale = member.get("locale") or self.default_locale
         view = member_view(member)
-        next_tier = self.loyalty.next_tier(member.get("tier"))
+        tier_id = member.get("tier")
+        if tier_id in self._next:
+            next_tier = self._next[tier_id]
+        else:
+            next_tier = self._next[tier_id] = self.loyalty.next_tier(tier_id)
         upcoming = None
         if next_tier is not None:
             upcoming = dict(self.tier(next_tier.id, locale))
             counted = member.get("qualifying_spend", member.get("total_spend"))
             upcoming["spend_needed"] = max(0.0, next_tier.min_spend - float(counted or 0))
-        event_view = dict(event or {})
-        for key in ("from", "to"):
-            if isinstance(event_view.get(key), str) and event_view.get(key) in {t.id for t in self.loyalty.tiers}:
-                event_view[f"{key}_name"] = self.tier(event_view[key], locale)["name"]
+        event_view = dict(event) if event else {}
+        if event_view:
+            for key in ("from", "to"):
+                if isinstance(event_view.get(key), str) and event_view.get(key) in self._tier_ids:
+                    event_view[f"{key}_name"] = self.tier(event_view[key], locale)["name"]
         tz = zone(member.get("timezone"), self.default_timezone)
+        local_now = self._local_now.get((now, tz))
+        if local_now is None:  # a batch shares one clock and a few zones
+            if len(self._local_now) > 1024:
+                self._local_now.clear()
+            local_now = self._local_now[(now, tz)] = now.astimezone(tz)
         return {
             "_tz": tz.key,  # the zone the date filters use: the member's, else default_timezone
             "member": view,
-            "tier": self.tier(member.get("tier"), locale),
+            "tier": self.tier(tier_id, locale),
             "next_tier": upcoming,
             "event": event_view,
             "journey": journey,
-            "now": now.astimezone(tz),
+            "now": local_now,
             "unsubscribe_url": unsubscribe_url,
         }

@@ -7,7 +7,7 @@ and set the owner and lease expiry in the same statement.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, literal_column, or_, select, update
@@ -123,25 +123,26 @@ class BulkWriter:
     def __init__(self, dialect: str) -> None:
         self.sqlite = dialect == "sqlite"
         self.mark = "?" if self.sqlite else "%s"
-        self._last_in: datetime | None = None
-        self._last_out: object = None
+        self._stored: dict[datetime, object] = {}
 
     def ts(self, value: datetime | None) -> object:
         """An aware datetime as the UTCDateTime column stores it (naive UTC; text on SQLite)."""
         if value is None:
             return None
-        if value is self._last_in:  # a batch stamps most rows with the same few instants
-            return self._last_out
-        naive = value.astimezone(UTC).replace(tzinfo=None)
-        out = naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
-        self._last_in, self._last_out = value, out
+        out = self._stored.get(value)
+        if out is None:  # a batch stamps most rows with the same few instants
+            if len(self._stored) > 4096:
+                self._stored.clear()
+            naive = value.astimezone(UTC).replace(tzinfo=None)
+            out = self._stored[value] = naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
         return out
 
     def _sql(self, template: str, names: tuple[str, ...]) -> str:
         return template.format(columns=", ".join(names), marks=", ".join([self.mark] * len(names)),
                                sets=", ".join(f"{n} = {self.mark}" for n in names), m=self.mark)
 
-    def insert(self, conn: Connection, table: str, names: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+    def insert(self, conn: Connection, table: str, names: tuple[str, ...],
+               rows: Sequence[Sequence[object]]) -> None:
         if rows:
             conn.exec_driver_sql(self._sql(f"INSERT INTO {table} ({{columns}}) VALUES ({{marks}})", names), rows)
 

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import Connection, select
 
@@ -25,12 +25,13 @@ from engine import unsubscribe as unsub
 from engine.computed import computed_columns
 from engine.context import ContextBuilder
 from engine.exceptions import TemplateRenderError
-from engine.journey import SendStep, SplitStep
+from engine.journey import EndStep, Journey, SendStep, SplitStep, UpdateStep, WaitStep
+from engine.loading import load_batch
 from engine.member_updates import save_member_updates
-from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, members, messages
+from engine.models import EnrollmentStatus, MessageStatus, members, messages
 from engine.report import TickReport
 from engine.safety import Rails, Reason, Verdict, add_suppressions
-from engine.steps import Transition, advance, apply_update
+from engine.steps import MAX_STEPS_PER_RUN, Transition, advance, apply_update
 from engine.versions import LiveJourney, VersionCache, computed_needed
 
 if TYPE_CHECKING:
@@ -55,6 +56,37 @@ _RESULT_COLUMNS = ("status", "provider_id", "error", "attempts", "sent_at", "nex
                    "claimed_until", "updated_at")
 
 
+class ResultUpdate(NamedTuple):
+    """What a channel's answer (or a recheck before a deferred send) changes on a message row."""
+
+    id: int
+    status: str
+    provider_id: str | None
+    error: str | None
+    attempts: int
+    sent_at: datetime | None
+    next_attempt_at: datetime | None
+    reason: str | None
+
+
+def member_independent(journey: Journey, start: str | None) -> bool:
+    """Whether walking from START ends the same way for every member: only sends, updates, waits of a fixed
+    length or until an event, and ends on the way (no ``if``, ``split`` or local-time wait)."""
+    current = start
+    for _ in range(MAX_STEPS_PER_RUN):
+        if current is None or not journey.has_step(current):
+            return True
+        step = journey.step(current)
+        if isinstance(step, WaitStep):
+            return bool(step.until_event) or step.duration is not None
+        if isinstance(step, EndStep):
+            return True
+        if not isinstance(step, SendStep | UpdateStep):
+            return False
+        current = journey.following(step.id)
+    return False
+
+
 def backoff(attempt: int) -> timedelta:
     """Exponential backoff with full jitter: up to 30 s, 60 s, 120 s … capped at one hour."""
     ceiling = min(3600.0, 30.0 * (2 ** max(0, attempt - 1)))
@@ -69,6 +101,9 @@ class Runner:
         self._links: dict[tuple[str, str], str] = {}
         self._new_suppressions: list[tuple[str, str, str]] = []
         self._live: dict[str, LiveJourney] = {}
+        # Walks that end the same way for every member, by (journey, version, start step, variant) and clock.
+        self._walks: dict[tuple[str, int, str | None, str | None], Transition] = {}
+        self._walks_at: datetime | None = None
 
     # ------------------------------------------------------------------ enrollments
 
@@ -78,28 +113,38 @@ class Runner:
         self._live = live
         config = self.app.config
         lease = now + timedelta(seconds=config.scheduler.lease_seconds)
-        while not stop():
-            with self.app.store.begin() as conn:
-                ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
-                                                    running)
-            if not ids:
-                return
-            self._run_batch(ids, now, report, stop)
+        with self.app.store.checkpointing():
+            while not stop():
+                with self.app.store.begin() as conn:
+                    ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
+                                                        running)
+                if not ids:
+                    return
+                self._run_batch(ids, now, report, stop)
 
     def _load(self, conn: Connection, ids: list[int], now: datetime) -> list[dict[str, Any]]:
         extra = computed_columns(computed_needed(self._live.values()), now, self.app.store.dialect)
-        stmt = (
-            select(
-                enrollments.c.id.label("enrollment_id"), enrollments.c.journey_id, enrollments.c.journey_version,
-                enrollments.c.step, enrollments.c.variant, enrollments.c.event_id, enrollments.c.waiting_for,
-                events.c.properties.label("event_properties"), *members.c, *extra,
-            )
-            .select_from(enrollments.join(members, members.c.id == enrollments.c.member_id)
-                         .outerjoin(events, events.c.id == enrollments.c.event_id))
-            .where(enrollments.c.id.in_(ids))
-            .order_by(enrollments.c.id)
-        )
-        return [dict(r) for r in conn.execute(stmt).mappings()]
+        return load_batch(conn, ids, extra)
+
+    def _advance(self, live: LiveJourney, row: dict[str, Any], now: datetime,
+                 event: Mapping[str, Any]) -> Transition:
+        """advance(), computed once per batch clock for walks that end the same way for every member."""
+        waiting_for, variant, start = row.get("waiting_for"), row.get("variant"), row["step"]
+        key = (live.id, live.version, start, variant)
+        if waiting_for is None:
+            if self._walks_at != now:
+                self._walks.clear()
+                self._walks_at = now
+            known = self._walks.get(key)
+            if known is not None:
+                return Transition(row["enrollment_id"], known.step, known.status, known.next_run_at,
+                                  known.ended_at, known.exit_reason, known.sends, known.holdouts, known.updates,
+                                  known.variant, known.waiting_for)
+        transition = advance(live, start, row, now, row["enrollment_id"], self.app.config.default_timezone, event,
+                             waiting_for=waiting_for, variant=variant)
+        if waiting_for is None and member_independent(live.journey, start):
+            self._walks[key] = transition
+        return transition
 
     def _run_batch(self, ids: list[int], now: datetime, report: TickReport, stop: Callable[[], bool]) -> None:
         app = self.app
@@ -116,6 +161,7 @@ class Runner:
         outgoing: list[dict[str, Any]] = []
         changed: list[tuple[dict[str, Any], dict[str, Any], LiveJourney, list[str]]] = []
         contexts = ContextBuilder(app.rules().loyalty, app.config.default_locale, app.config.default_timezone)
+        lease_until = now + timedelta(seconds=app.config.scheduler.lease_seconds)
         for row in rows:
             live = journeys[(row["journey_id"], row["journey_version"])]
             if live is None:
@@ -123,16 +169,18 @@ class Runner:
                                               "journey version missing"))
                 continue
             event = row.get("event_properties") or {}
-            transition = advance(live, row["step"], row, now, row["enrollment_id"], app.config.default_timezone,
-                                 event, waiting_for=row.get("waiting_for"), variant=row.get("variant"))
+            transition = self._advance(live, row, now, event)
             transitions.append(transition)
-            person = dict(row, variant=transition.variant)
-            for update_step in transition.updates:
-                apply_update(person, update_step)
             if transition.updates:
+                person = dict(row, variant=transition.variant)
+                for update_step in transition.updates:
+                    apply_update(person, update_step)
                 changed.append((row, person, live, [u.id for u in transition.updates]))
+            else:  # the loaded row is ours alone: no copy needed when nothing changes it
+                row["variant"] = transition.variant
+                person = row
             for step in transition.sends:
-                outgoing.append(self._message_row(live, person, step, now, rails, contexts, event))
+                outgoing.append(self._message_row(live, person, step, now, rails, contexts, event, lease_until))
             for split in transition.holdouts:
                 outgoing.append(self._holdout_row(live, person, split, now))
         with app.store.begin() as conn:
@@ -145,10 +193,11 @@ class Runner:
                 report.add("completed")
             elif t.status == EnrollmentStatus.EXITED.value:
                 report.add("exited")
+        sending = MessageStatus.SENDING.value
         for row in inserted:
-            if row["status"] != MessageStatus.SENDING.value:
+            if row["status"] != sending:
                 report.add(row["status"])
-        self._deliver([r for r in inserted if r["status"] == MessageStatus.SENDING.value], now, report, stop)
+        self._deliver([r for r in inserted if r["status"] == sending], now, report, stop)
 
     def _holdout_row(self, live: LiveJourney, member: Mapping[str, Any], split: SplitStep,
                      now: datetime) -> dict[str, Any]:
@@ -171,7 +220,8 @@ class Runner:
         }
 
     def _message_row(self, live: LiveJourney, member: Mapping[str, Any], step: SendStep, now: datetime,
-                     rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any]) -> dict[str, Any]:
+                     rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any],
+                     lease_until: datetime) -> dict[str, Any]:
         category = live.journey.category
         channel = step.channel
         verdict, address = rails.check(member, channel, now, category)
@@ -203,14 +253,15 @@ class Runner:
                        next_attempt_at=None)
             log.warning("journey %s step %s: %s", live.id, step.id, exc)
             return row
-        row.update(locale=rendered.locale, subject=rendered.subject, body=rendered.text, html=rendered.html)
+        row["locale"], row["subject"], row["body"], row["html"] = (rendered.locale, rendered.subject, rendered.text,
+                                                                   rendered.html)
         if channel == "sms" and category == "marketing":
             row["body"] = self._with_opt_out_hint(rendered.text, rendered.locale)
         if channel == "sms":
             row["segments"], row["encoding"] = sms.segments(row["body"])
         if verdict.status is MessageStatus.SENDING:
-            row.update(claimed_by=self.worker,
-                       claimed_until=now + timedelta(seconds=self.app.config.scheduler.lease_seconds))
+            row["claimed_by"] = self.worker
+            row["claimed_until"] = lease_until
         return row
 
     def _with_opt_out_hint(self, text: str, locale: str) -> str:
@@ -264,8 +315,11 @@ class Runner:
                 results = self._send(channel, [self._outgoing(r) for r in chunk])
                 updates = [self._result_update(row, result, now, report)
                            for row, result in zip(chunk, results, strict=True)]
-                done = {row["id"] for row in chunk}
-                pending = [row for row in pending if row["id"] not in done]
+                if len(chunk) == len(pending):
+                    pending = []
+                else:
+                    done = {row["id"] for row in chunk}
+                    pending = [row for row in pending if row["id"] not in done]
                 clock = now + timedelta(seconds=time.monotonic() - started)
                 with self.app.store.begin() as conn:
                     self._save_results(conn, updates, now)
@@ -297,41 +351,45 @@ class Runner:
         return results
 
     def _result_update(self, row: Mapping[str, Any], result: SendResult, now: datetime,
-                       report: TickReport) -> dict[str, Any]:
+                       report: TickReport) -> ResultUpdate:
         attempts = int(row.get("attempts") or 0) + 1
-        update_row = {"_id": row["id"], "_provider": result.provider_id, "_error": result.error,
-                      "_attempts": attempts, "_sent": None, "_next": None, "_reason": row.get("reason")}
         if result.sent:
-            update_row.update(_status=MessageStatus.SENT.value, _sent=now)
+            update = ResultUpdate(row["id"], MessageStatus.SENT.value, result.provider_id, result.error, attempts,
+                                  now, None, row.get("reason"))
         elif result.suppress_reason:
-            update_row.update(_status=MessageStatus.SUPPRESSED.value, _reason=result.suppress_reason)
+            update = ResultUpdate(row["id"], MessageStatus.SUPPRESSED.value, result.provider_id, result.error,
+                                  attempts, None, None, result.suppress_reason)
             self._new_suppressions.append((row["channel"], row["recipient"], result.suppress_reason))
         elif result.error and result.error.startswith("unknown:"):
-            update_row.update(_status=MessageStatus.UNKNOWN.value)
+            update = ResultUpdate(row["id"], MessageStatus.UNKNOWN.value, result.provider_id, result.error, attempts,
+                                  None, None, row.get("reason"))
         elif result.outcome is Outcome.TRANSIENT and attempts < self._max_attempts(row["channel"]):
             delay = timedelta(seconds=result.retry_after) if result.retry_after else backoff(attempts)
-            update_row.update(_status=MessageStatus.QUEUED.value, _next=now + delay, _reason="retry")
+            update = ResultUpdate(row["id"], MessageStatus.QUEUED.value, result.provider_id, result.error, attempts,
+                                  None, now + delay, "retry")
         elif result.outcome is Outcome.TRANSIENT:
-            update_row.update(_status=MessageStatus.FAILED.value,
-                              _error=f"gave up after {attempts} attempts: {result.error}")
+            update = ResultUpdate(row["id"], MessageStatus.FAILED.value, result.provider_id,
+                                  f"gave up after {attempts} attempts: {result.error}", attempts, None, None,
+                                  row.get("reason"))
         else:
-            update_row.update(_status=MessageStatus.FAILED.value)
-        report.add(update_row["_status"])
-        return update_row
+            update = ResultUpdate(row["id"], MessageStatus.FAILED.value, result.provider_id, result.error, attempts,
+                                  None, None, row.get("reason"))
+        report.add(update.status)
+        return update
 
     def _max_attempts(self, channel: str) -> int:
         settings = getattr(self.app.config.channels, channel, None)
         return int(settings.max_attempts) if settings is not None else MAX_ATTEMPTS
 
-    def _save_results(self, conn: Connection, updates: list[dict[str, Any]], now: datetime) -> None:
+    def _save_results(self, conn: Connection, updates: Sequence[ResultUpdate], now: datetime) -> None:
         if self._new_suppressions:
             add_suppressions(conn, self.app.store.dialect, self._new_suppressions, "provider", now)
             self._new_suppressions = []
         w = queries.BulkWriter(self.app.store.dialect)
         stamp = w.ts(now)
         w.update_by_id(conn, "messages", _RESULT_COLUMNS, [
-            (u["_status"], u["_provider"], u["_error"], u["_attempts"], w.ts(u["_sent"]), w.ts(u["_next"]),
-             u["_reason"], None, None, stamp, u["_id"]) for u in updates],
+            (u.status, u.provider_id, u.error, u.attempts, w.ts(u.sent_at), w.ts(u.next_attempt_at), u.reason,
+             None, None, stamp, u.id) for u in updates],
             # A provider's webhook may already have moved the row on (delivered): never overwrite that.
             only_if="status = 'sending'")
 
@@ -362,8 +420,7 @@ class Runner:
             if blocked:
                 with self.app.store.begin() as conn:
                     self._save_results(conn, [
-                        {"_id": r["id"], "_status": v.status.value, "_provider": None, "_error": v.error,
-                         "_attempts": r["attempts"], "_sent": None, "_next": None, "_reason": v.reason}
+                        ResultUpdate(r["id"], v.status.value, None, v.error, r["attempts"], None, None, v.reason)
                         for r, v in blocked if v is not None], now)
                     report.add("suppressed", len(blocked))
             self._deliver([r for r, _ in ready], now, report, stop)

@@ -60,9 +60,19 @@ def _valid_email(address: str) -> bool:
 class QuietHours:
     def __init__(self, start: str, end: str) -> None:
         self.start, self.end = _hhmm(start), _hhmm(end)
+        self._known: dict[tuple[datetime, Any, str | None, str], datetime | None] = {}
 
     def release(self, now: datetime, tz_name: str | None, default_tz: str) -> datetime | None:
         """When a message due NOW may go out for a member in TZ_NAME, or None if it may go now."""
+        key = (now, now.tzinfo, tz_name, default_tz)
+        if key in self._known:  # a batch shares one clock and a few time zones
+            return self._known[key]
+        if len(self._known) > 1024:
+            self._known.clear()
+        release = self._known[key] = self._release(now, tz_name, default_tz)
+        return release
+
+    def _release(self, now: datetime, tz_name: str | None, default_tz: str) -> datetime | None:
         tz = zone(tz_name, default_tz)
         local = now.astimezone(tz)
         t = local.timetz().replace(tzinfo=None)

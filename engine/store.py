@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +20,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from engine.exceptions import AlreadyRunning, ConfigError
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_440_231  # advisory lock id serialising migrations across daemons
@@ -57,6 +62,20 @@ class Store:
         if not self.is_sqlite or self.url.endswith(":memory:"):
             return None
         return Path(self.url.removeprefix("sqlite:///"))
+
+    @contextmanager
+    def checkpointing(self) -> Iterator[None]:
+        """While a large send writes: checkpoint a SQLite WAL on a thread of its own (see WalCheckpointer)."""
+        path = self.sqlite_path
+        if path is None:
+            yield
+            return
+        checkpointer = WalCheckpointer(path)
+        checkpointer.start()
+        try:
+            yield
+        finally:
+            checkpointer.stop()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -124,10 +143,54 @@ class Store:
         self.engine.dispose()
 
 
+class WalCheckpointer:
+    """Copies committed pages from a SQLite WAL into the database file on a thread of its own.
+
+    SQLite otherwise checkpoints inside the commit that crosses wal_autocheckpoint, and on a large send that
+    commit then waits for megabytes of writes and two fsyncs. Here that I/O overlaps the writer's work (the
+    driver releases the GIL for it). PASSIVE checkpoints never block readers or writers, nor change what a
+    commit guarantees; the connections' own wal_autocheckpoint stays as the backstop.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.2) -> None:
+        self.path = path
+        self.interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            connection = sqlite3.connect(str(self.path), timeout=1.0)
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoints stay in the commits: cannot open %s: %s", self.path, exc)
+            return
+        try:
+            while not self._stopping.wait(self.interval):
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.OperationalError:  # busy: another checkpoint is running; try again later
+                    continue
+        finally:
+            connection.close()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # A large send touches the message log's indexes all over: 32 MB of page cache per connection (SQLite's
+    # default is 2 MB) keeps them in memory instead of re-reading pages from the OS on every batch.
+    cursor.execute("PRAGMA cache_size=-32768")
+    # Checkpoint the WAL every ~40 MB instead of every ~4 MB: fewer fsyncs of the database file during a send;
+    # commits stay as durable as before (synchronous=NORMAL in WAL mode either way).
+    cursor.execute("PRAGMA wal_autocheckpoint=10000")
     cursor.close()

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 from babel.core import Locale, UnknownLocaleError
 from babel.dates import format_date, format_datetime
-from babel.numbers import format_currency, format_decimal
+from babel.numbers import format_currency, format_decimal, get_group_symbol, get_minus_sign_symbol
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -52,6 +52,26 @@ def _babel_locale(locale: str) -> Locale:
         return Locale.parse("en")
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja2's sandbox, with a shortcut for ``member.name`` on the plain dicts a message context is made of.
+
+    For a plain dict, ``getattr`` fails for every name dict itself lacks, and the sandbox then looks the key up:
+    going straight to the key gives the same answers (and the same undefined) without raising and catching an
+    AttributeError per lookup. Every other object, and every name a dict does have, takes the sandbox's own path.
+    """
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 class Templates:
     """Compiled templates, cached; ``refresh()`` drops the cache so edited files are picked up."""
 
@@ -59,7 +79,7 @@ class Templates:
         self.root = root
         self.default_locale = default_locale
         self.currency = currency
-        self.env = SandboxedEnvironment(
+        self.env = _Sandbox(
             loader=jinja2.FileSystemLoader(str(root)),
             undefined=jinja2.StrictUndefined,
             autoescape=lambda name: bool(name and name.endswith(".html" + SUFFIX)),
@@ -70,14 +90,16 @@ class Templates:
         )
         self.env.filters.update(money=self._money, date=self._date, datetime=self._datetime,
                                 discount=self._discount, number=self._number)
-        self._compiled: dict[str, jinja2.Template] = {}
+        self._compiled: dict[str, tuple[jinja2.Template, dict[str, Any]]] = {}
         self._resolved: dict[tuple[str, str], str | None] = {}
         self._exists: dict[str, bool] = {}
+        self._plans: dict[tuple[str, str, str | None], tuple[str, tuple[tuple[str, str | None], ...]]] = {}
 
     def refresh(self) -> None:
         self._compiled.clear()
         self._resolved.clear()
         self._exists.clear()
+        self._plans.clear()
 
     # ----------------------------------------------------------------- lookup
 
@@ -112,30 +134,43 @@ class Templates:
             self._resolved[key] = found
         return self._resolved[key]
 
-    def _template(self, path: str) -> jinja2.Template:
-        template = self._compiled.get(path)
-        if template is None:
+    def _compiled_template(self, path: str) -> tuple[jinja2.Template, dict[str, Any]]:
+        """The compiled template and a plain copy of its globals (a ChainMap, slow to list per render)."""
+        found = self._compiled.get(path)
+        if found is None:
             template = self.env.get_template(path)
-            self._compiled[path] = template
-        return template
+            found = self._compiled[path] = (template, dict(template.globals))
+        return found
 
     # ----------------------------------------------------------------- rendering
 
+    def _plan(self, name: str, channel: str, locale: str | None) -> tuple[str, tuple[tuple[str, str | None], ...]]:
+        """The locale chosen for a member with LOCALE and, per part of CHANNEL, its file (None: no html file)."""
+        key = (name, channel, locale)
+        plan = self._plans.get(key)
+        if plan is None:
+            chosen = self.resolve_locale(locale, name)
+            if chosen is None:
+                raise TemplateRenderError(f"template {name!r} does not exist for {locale or self.default_locale} "
+                                          f"or {self.default_locale} under {self.root}")
+            parts = tuple((part, None if part == "html" and not self._has(chosen, name, part)
+                           else self._path(chosen, name, part)) for part in PARTS[channel])
+            plan = self._plans[key] = (chosen, parts)
+        return plan
+
     def render(self, name: str, channel: str, locale: str | None, context: Mapping[str, Any]) -> Rendered:
-        chosen = self.resolve_locale(locale, name)
-        if chosen is None:
-            raise TemplateRenderError(f"template {name!r} does not exist for {locale or self.default_locale} "
-                                      f"or {self.default_locale} under {self.root}")
-        ctx = dict(context)
-        ctx["_locale"] = chosen
+        chosen, plan = self._plan(name, channel, locale)
+        # What Template.render does per part (a fresh Context over the environment's globals and these variables,
+        # then its root render function), with one variables dict shared by the parts of this message: the
+        # parts only read it (a template's own {% set %} goes into its Context, not into this dict).
+        variables = {**self.env.globals, **context, "_locale": chosen}
         parts: dict[str, str | None] = {}
-        for part in PARTS[channel]:
-            if part == "html" and not self._has(chosen, name, part):
+        for part, path in plan:
+            if path is None:
                 parts[part] = None
                 continue
-            path = self._path(chosen, name, part)
             try:
-                parts[part] = self._template(path).render(ctx).strip()
+                parts[part] = self._render_part(path, variables).strip()
             except jinja2.TemplateNotFound:
                 raise TemplateRenderError(f"{path}: missing; a {channel} template needs "
                                           f"{' and '.join(REQUIRED[channel])}") from None
@@ -150,6 +185,16 @@ class Templates:
             return Rendered(chosen, text)
         html = parts.get("html") or _html_from_text(text)
         return Rendered(chosen, text, parts.get("subject") or "", html)
+
+    def _render_part(self, path: str, variables: dict[str, Any]) -> str:
+        template, template_globals = self._compiled_template(path)
+        # template.new_context(variables, shared=True), given the globals as a dict.
+        context = self.env.context_class(self.env, variables, template.name, template.blocks, globals=template_globals)
+        try:
+            return self.env.concat(template.root_render_func(context))  # type: ignore[attr-defined,no-any-return]
+        except Exception:  # noqa: BLE001 - re-raised by handle_exception, as Template.render does
+            # As Template.render: the traceback is rewritten to point at the template's own lines.
+            self.env.handle_exception()
 
     def _where(self, path: str, exc: BaseException) -> str:
         """FILE:LINE of the template line that failed (Jinja puts template frames in the traceback)."""
@@ -170,7 +215,12 @@ class Templates:
 
     @jinja2.pass_context
     def _number(self, ctx: Any, value: Any) -> str:
-        return _cached_number(value, ctx.get("_locale", "en"))
+        locale = ctx.get("_locale", "en")
+        if type(value) is int:
+            symbols = _plain_grouping(locale)
+            if symbols is not None:
+                return _grouped(value, *symbols)
+        return _cached_number(value, locale)
 
     @jinja2.pass_context
     def _date(self, ctx: Any, value: date | datetime | None, fmt: str = "long") -> str:
@@ -286,6 +336,36 @@ def _cached_number(value: Any, locale: str) -> str:
     return str(format_decimal(value, locale=_babel_locale(locale)))
 
 
+# Whole numbers (points, counts) are the filter's common case and take many distinct values, so a cache misses
+# often. Where a locale groups digits by threes with one symbol, Python's own grouping gives the same text; each
+# locale is checked against Babel on a set of samples before the shortcut is used for it.
+_GROUPING_SAMPLES = (0, 7, -7, 12, 999, 1000, 1234, -1234, 12345, 99999, 123456, 1234567, -1234567, 10**9 + 7,
+                     -(10**12) - 345)
+
+
+def _grouped(value: int, group: str, minus: str) -> str:
+    text = f"{value:,}"
+    if group != ",":
+        text = text.replace(",", group)
+    if value < 0 and minus != "-":
+        text = minus + text[1:]
+    return text
+
+
+@lru_cache(maxsize=256)
+def _plain_grouping(locale: str) -> tuple[str, str] | None:
+    """(group symbol, minus sign) if LOCALE writes whole numbers as _grouped does, else None (Babel decides)."""
+    babel_locale = _babel_locale(locale)
+    try:
+        symbols = (str(get_group_symbol(babel_locale)), str(get_minus_sign_symbol(babel_locale)))
+    except (KeyError, ValueError):
+        return None
+    for sample in _GROUPING_SAMPLES:
+        if _grouped(sample, *symbols) != str(format_decimal(sample, locale=babel_locale)):
+            return None
+    return symbols
+
+
 @lru_cache(maxsize=8192)
 def _cached_date(value: date, fmt: str, locale: str) -> str:
     return str(format_date(value, fmt, locale=_babel_locale(locale)))
@@ -303,6 +383,7 @@ def _zone(ctx: Any) -> ZoneInfo:
 
 
 def _html_from_text(text: str) -> str:
-    paragraphs = [htmllib.escape(p).replace("\n", "<br>\n") for p in text.split("\n\n") if p.strip()]
+    # Escaping neither makes nor removes blank lines or whitespace-only paragraphs: escape once, then split.
+    paragraphs = [p.replace("\n", "<br>\n") for p in htmllib.escape(text).split("\n\n") if p.strip()]
     body = "\n".join(f"<p>{p}</p>" for p in paragraphs)
     return f'<!doctype html>\n<html><body style="font-family: sans-serif; line-height: 1.6">\n{body}\n</body></html>'

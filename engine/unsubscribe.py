@@ -33,7 +33,7 @@ def _unb64(text: str) -> bytes:
 
 def make_token(secret: bytes, member_id: str, channel: str) -> str:
     payload = f"{member_id}\x1f{channel}".encode()
-    signature = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
+    signature = hmac.digest(secret, payload, "sha256")[:16]
     return f"{_b64(payload)}.{_b64(signature)}"
 
 

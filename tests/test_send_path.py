@@ -1,0 +1,156 @@
+"""The send path's shortcuts give exactly what the general code gives: the batch loader on SQLite against
+SQLAlchemy's own result processing, the content hash's canonical text against json.dumps, the outbox line
+against json.dumps, whole-number formatting against Babel, and the sandbox's dict shortcut against the sandbox."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+import pytest
+from babel.numbers import format_decimal
+from jinja2.sandbox import SandboxedEnvironment
+from sqlalchemy import text
+
+from channels.base import OutgoingMessage
+from channels.local import _line, _record
+from engine import audit
+from engine.loading import _COLUMNS, load_batch, select_batch
+from engine.templates import Templates, _babel_locale, _grouped, _plain_grouping
+from engine.testing import REPO, Harness
+
+_CHARS = ["a", "Z", '"', "\\", "\n", "\t", "\r", "\x00", "\x1f", "\x7f", "é", "中", "\u2028", "\U0001f600", " ",
+          "<", "&", "/"]
+
+
+def _text(rng: random.Random) -> str:
+    return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 24)))
+
+
+def test_the_sqlite_batch_loader_reads_what_sqlalchemy_reads(tmp_path: Path) -> None:
+    """Members with every kind of value (times with and without microseconds, NULLs, attributes, booleans, dates)
+    and an enrollment triggered by an event: the DBAPI loader and the Core query give equal rows."""
+    harness = Harness(tmp_path, f"sqlite:///{tmp_path / 'engine.db'}")
+    try:
+        harness.members(
+            {"id": "m1", "name": "林", "email": "m1@example.com", "birthday": "1990-02-28", "timezone": "Asia/Shanghai",
+             "locale": "zh-CN", "signup_at": "2025-01-01T08:00:00+08:00", "last_order_at": "2026-01-15T12:00:00.5Z",
+             "email_opt_in": True, "sms_opt_in": False, "total_spend": 800, "points": 12, "vip_note": "x"},
+            {"id": "m2", "name": None, "email": None, "email_opt_in": False})
+        harness.event("m1", "signup", "2026-03-01T09:00:00+08:00", channel="app")
+        with harness.app.store.begin() as conn:
+            event_id = conn.execute(text("SELECT id FROM events LIMIT 1")).scalar_one()
+            for number, member_id in enumerate(("m1", "m2"), 1):
+                conn.execute(text(
+                    "INSERT INTO enrollments (journey_id, journey_version, member_id, trigger_key, event_id, status, "
+                    "step, next_run_at, entered_at) VALUES ('j', 1, :m, :k, :e, 'active', 's', "
+                    "'2026-03-01 02:00:00.000000', '2026-03-01 02:00:00')"),
+                    {"m": member_id, "k": f"t{number}", "e": event_id if member_id == "m1" else None})
+            # A time stored without microseconds (another writer's form) still reads as the same instant.
+            conn.execute(text("UPDATE members SET created_at = '2026-01-01 00:00:00' WHERE id = 'm2'"))
+        with harness.app.store.connect() as conn:
+            ids = [int(i) for i in conn.execute(text("SELECT id FROM enrollments")).scalars()]
+            fast = load_batch(conn, ids, [])
+            core = [dict(r) for r in conn.execute(select_batch(ids, [])).mappings()]
+        assert fast == core
+        assert [r["enrollment_id"] for r in fast] == sorted(ids)
+        assert fast[0]["event_properties"] == {"channel": "app"}
+        assert fast[0]["attributes"] == {"vip_note": "x"}
+        assert fast[0]["last_order_at"] == datetime(2026, 1, 15, 12, 0, 0, 500000, tzinfo=UTC)
+        assert fast[1]["created_at"] == datetime(2026, 1, 1, tzinfo=UTC)
+        assert {name for name, _ in _COLUMNS} == set(fast[0])
+    finally:
+        harness.close()
+
+
+def test_the_canonical_content_text_is_json_dumps() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        values = [rng.choice([None, _text(rng)]) for _ in audit.CONTENT_FIELDS]
+        assert audit._canonical(values) == json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    odd = ["a", 5, None, 1.5, True]
+    assert audit._canonical(odd) == json.dumps(odd, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_the_chain_hash_with_a_stamp_cache_is_the_chain_hash() -> None:
+    from datetime import timedelta, timezone
+
+    stamps: dict[tuple[datetime, object], str] = {}
+    base = {"id": 1, "member_id": "m", "journey": "j", "journey_version": 1, "step": "s", "channel": "email",
+            "content_hash": "c" * 64}
+    utc = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
+    for created in (utc, utc.astimezone(timezone(timedelta(hours=8))), utc, utc.replace(microsecond=5)):
+        row = dict(base, created_at=created)
+        assert audit.chain_hash("p" * 64, row, stamps) == audit.chain_hash("p" * 64, row)
+
+
+def test_the_outbox_line_is_json_dumps() -> None:
+    rng = random.Random(11)
+    for _ in range(3000):
+        message = OutgoingMessage(
+            id=rng.randint(-5, 10**12), channel=_text(rng), recipient=rng.choice([None, _text(rng)]),
+            text=_text(rng), member_id=_text(rng), journey=_text(rng), step=_text(rng),
+            subject=rng.choice([None, _text(rng)]), html=rng.choice([None, _text(rng)]),
+            headers=rng.choice([{}, {_text(rng): _text(rng)}, {_text(rng): _text(rng), "b": _text(rng)}]))
+        assert _line(message) == json.dumps(_record(message), ensure_ascii=False)
+    for odd in (OutgoingMessage(id=True, channel="x", recipient=None, text="t", member_id="m", journey="j", step="s"),
+                OutgoingMessage(id=1, channel="x", recipient=5, text="t", member_id="m", journey="j",  # type: ignore[arg-type]
+                                step="s", headers={1: "x"})):  # type: ignore[dict-item]
+        assert _line(odd) == json.dumps(_record(odd), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("locale", ["en", "zh-CN", "de", "fr", "es", "ru", "hi", "en-IN", "ar", "pt-BR", "sv"])
+def test_whole_numbers_read_as_babel_writes_them(locale: str) -> None:
+    rng = random.Random(locale)
+    samples = [0, 1, -1, 999, 1000, 9999, 10000, 123456789, -98765, 10**18, *(rng.randint(-10**9, 10**9)
+                                                                             for _ in range(300))]
+    symbols = _plain_grouping(locale)
+    for value in samples:
+        expected = str(format_decimal(value, locale=_babel_locale(locale)))
+        if symbols is not None:
+            assert _grouped(value, *symbols) == expected
+    if locale in ("hi", "en-IN"):
+        assert symbols is None  # lakh grouping: Babel decides
+
+
+def test_the_sandbox_shortcut_answers_as_the_sandbox(tmp_path: Path) -> None:
+    templates = Templates(REPO / "templates", "zh-CN")
+    plain = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
+    values = {"name": "x", "items": "shadowed", "keys": 1, "__class__": "k", "_private": 2}
+    for attribute in ("name", "items", "keys", "get", "__class__", "_private", "missing", "update", "copy"):
+        ours, theirs = templates.env.getattr(values, attribute), plain.getattr(values, attribute)
+        assert type(ours) is type(theirs)
+        if not isinstance(theirs, jinja2.Undefined):
+            assert ours == theirs
+        else:
+            assert str(ours._undefined_hint) == str(theirs._undefined_hint)
+            assert ours._undefined_name == theirs._undefined_name
+
+
+def test_writes_go_on_beside_the_wal_checkpointer_which_stops_cleanly(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    from engine.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'engine.db'}")
+    try:
+        with store.checkpointing():
+            with store.begin() as conn:
+                conn.execute(text("CREATE TABLE t (x TEXT)"))
+                conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "y" * 500} for _ in range(2000)])
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with sqlite3.connect(tmp_path / "engine.db") as raw:
+                    busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy == 0 and frames > 0 and copied == frames:
+                    break
+                time.sleep(0.1)
+        assert frames > 0 and copied == frames
+        with store.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 2000
+    finally:
+        store.close()
