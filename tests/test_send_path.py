@@ -42,7 +42,7 @@ def test_the_sqlite_batch_loader_reads_what_sqlalchemy_reads(tmp_path: Path) -> 
             {"id": "m2", "name": None, "email": None, "email_opt_in": False})
         harness.event("m1", "signup", "2026-03-01T09:00:00+08:00", channel="app")
         with harness.app.store.begin() as conn:
-            event_id = conn.execute(text("SELECT id FROM events LIMIT 1")).scalar_one()
+            event_id = conn.execute(text("SELECT id FROM events WHERE type = 'signup'")).scalar_one()
             for number, member_id in enumerate(("m1", "m2"), 1):
                 conn.execute(text(
                     "INSERT INTO enrollments (journey_id, journey_version, member_id, trigger_key, event_id, status, "
