@@ -223,7 +223,7 @@ def parse_member(row: dict[str, Any], loyalty: Loyalty, region: str) -> dict[str
             out["tier"] = row["tier"]
     elif "total_spend" in out:
         # Earned from spend: on an update it may raise the stored tier but never lower it (that is a review's job).
-        out["tier"] = loyalty.tier_for_spend(out["total_spend"]).id
+        out["tier"] = loyalty.tier_for(out["total_spend"], int(out.get("order_count") or 0)).id
         out[EARNED_TIER] = tuple(t.id for t in loyalty.tiers)
     extra = {k: attribute_value(v) for k, v in row.items() if k not in MEMBER_FIELDS and k != "attributes" and k}
     if isinstance(row.get("attributes"), dict):

@@ -31,6 +31,7 @@ class Tier:
     points_multiplier: float = 1.0
     perks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # locale -> perks
     min_orders: int = 0
+    requires: str = "all"  # all: min_spend and min_orders; any: either is enough
 
     def name(self, locale: str, default_locale: str) -> str:
         return _localised(self.names, locale, default_locale) or self.id
@@ -39,6 +40,8 @@ class Tier:
         return list(_localised(self.perks, locale, default_locale) or ())
 
     def qualifies(self, spend: float, orders: int) -> bool:
+        if self.requires == "any" and self.min_orders > 0:
+            return spend >= self.min_spend or orders >= self.min_orders
         return spend >= self.min_spend and orders >= self.min_orders
 
 
@@ -92,7 +95,7 @@ class Loyalty:
     churn: ChurnRisk = ChurnRisk()
     intelligence: Intelligence = Intelligence()
 
-    def tier_for(self, spend: float, orders: int = 1_000_000_000) -> Tier:
+    def tier_for(self, spend: float, orders: int) -> Tier:
         """The highest tier that SPEND (and ORDERS) over the qualification window earn."""
         chosen = self.tiers[0]
         for tier in self.tiers:
@@ -100,8 +103,8 @@ class Loyalty:
                 chosen = tier
         return chosen
 
-    def tier_for_spend(self, spend: float) -> Tier:
-        return self.tier_for(spend)
+    def tier_for_spend(self, spend: float, orders: int = 0) -> Tier:
+        return self.tier_for(spend, orders)
 
     def tier(self, tier_id: str | None) -> Tier:
         for tier in self.tiers:
@@ -138,7 +141,7 @@ DEFAULT = Loyalty(
 )
 
 _TOP = ("tiers", "qualification", "points", "lifecycle", "churn_risk", "intelligence")
-_TIER_KEYS = ("id", "name", "min_spend", "min_orders", "discount", "points_multiplier", "perks")
+_TIER_KEYS = ("id", "name", "min_spend", "min_orders", "requires", "discount", "points_multiplier", "perks")
 Reader = Callable[[Any], Any]
 
 
@@ -299,10 +302,15 @@ def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | No
     if not isinstance(perks, dict) or not all(isinstance(v, list) for v in perks.values()):
         problems.add(_vmark(raw, "perks"), f"{where}.perks must map locales to lists, e.g. {{en: [Free shipping]}}")
         ok = False
+    requires = raw.get("requires", "all")
+    if requires not in ("all", "any"):
+        problems.add(_vmark(raw, "requires"), f"{where}.requires must be all (min_spend and min_orders) or any "
+                                              f"(either one), got: {requires!r}")
+        ok = False
     if not ok or not isinstance(tier_id, str) or not isinstance(names, dict):
         return None
     return Tier(tier_id, dict(names), values["min_spend"], values["discount"], values["points_multiplier"],
-                {str(k): tuple(str(p) for p in v) for k, v in perks.items()}, int(values["min_orders"]))
+                {str(k): tuple(str(p) for p in v) for k, v in perks.items()}, int(values["min_orders"]), requires)
 
 
 def _check_order(tiers: list[Tier], raw_tiers: Any, problems: Problems) -> None:

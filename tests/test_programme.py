@@ -108,6 +108,35 @@ def test_spend_older_than_the_window_does_not_qualify(harness: Harness) -> None:
     assert stored(h, "ping")["tier"] == "silver"
 
 
+def test_a_tier_can_ask_for_orders_too_or_either(tmp_path: Path, db_url: str) -> None:
+    """Silver needs ¥5,000 and 5 orders in the year; gold ¥20,000 or 30 orders, whichever comes first."""
+    import shutil
+
+    from engine.testing import REPO
+
+    rules = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", rules)
+    text = (rules / "loyalty.yaml").read_text(encoding="utf-8")
+    text = text.replace("    min_spend: 5000\n", "    min_spend: 5000\n    min_orders: 5\n")
+    text = text.replace("    min_spend: 20000\n", "    min_spend: 20000\n    min_orders: 30\n    requires: any\n")
+    text = text.replace("    min_spend: 100000\n", "    min_spend: 100000\n    min_orders: 30\n")  # never easier
+    (rules / "loyalty.yaml").write_text(text, encoding="utf-8")
+    h = Harness(tmp_path, db_url, rules=rules)
+    try:
+        h.members(member("big"), member("often"))
+        h.event("big", "purchase", "2026-03-01T10:00:00+08:00", amount=6000, order_id="B-1")
+        assert stored(h, "big")["tier"] == "regular"  # one order: not yet silver
+        for n in range(2, 6):
+            h.event("big", "purchase", f"2026-03-0{n}T10:00:00+08:00", amount=10, order_id=f"B-{n}")
+        assert stored(h, "big")["tier"] == "silver"
+        for n in range(30):
+            h.event("often", "purchase", f"2026-04-{n // 2 + 1:02d}T{10 + n % 2}:00:00+08:00", amount=200,
+                    order_id=f"O-{n}")
+        assert stored(h, "often")["tier"] == "gold"  # 30 orders, ¥6,000: gold by orders alone
+    finally:
+        h.close()
+
+
 def test_no_downgrade_before_the_review_and_at_most_one_tier_at_it(harness: Harness) -> None:
     """Wu reached diamond with a ¥100,000 order in March 2026 and then stopped buying. He stays diamond until
     March 2027; that review takes him down one tier only (gold), the next one to silver."""
