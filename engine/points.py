@@ -92,8 +92,15 @@ def _held_by(member_id: Any, horizon: Any, *, strict: bool = False) -> ColumnEle
 
 
 def expiring_sql(horizon: datetime) -> ColumnElement[Any]:
-    """Points a member (correlated to ``members``) holds that expire at or before HORIZON."""
-    return _held_by(members.c.id, horizon)
+    """Points a member (correlated to ``members``) holds that expire at or before HORIZON.
+
+    The stored next expiry guards the ledger subquery: a member whose held points all expire after HORIZON
+    (or who holds none that expire) is 0 without reading the ledger, so a segment over the whole base reads
+    the ledger only for members with an expiry inside the horizon. It is exact once the tick's expiry pass
+    has run (the programme phase runs first in every tick)."""
+    return case((members.c.points_next_expiry_at.is_(None), literal(0)),
+                (members.c.points_next_expiry_at > horizon, literal(0)),
+                else_=_held_by(members.c.id, horizon))
 
 
 def refresh_next_expiry(conn: Connection, member_ids: Iterable[str], now: datetime) -> None:
