@@ -34,7 +34,7 @@ from sqlalchemy import Connection, func, select
 
 from channels.base import Channel
 from channels.local import OutboxChannel
-from engine import funnel
+from engine import funnel, points
 from engine.app import App
 from engine.config import Config
 from engine.exceptions import InputError
@@ -402,7 +402,7 @@ def run_demo(config: Config, members: int, days: int, seed: int, echo: Callable[
         start = end - timedelta(days=days)
         world = World(random.Random(seed), loyalty, start, end)
         joining = max(1, round(members * NEW_MEMBER_SHARE))
-        _insert(app, world.existing(members - joining), loyalty, start)
+        _insert(app, world.existing(members - joining), loyalty, start, random.Random(seed + 1))
         world.plan_signups(members - joining, joining)
         echo(f"demo: {members:,} members ({members - joining:,} before the window, {joining:,} joining during it), "
              f"seed {seed}")
@@ -422,17 +422,33 @@ def run_demo(config: Config, members: int, days: int, seed: int, echo: Callable[
         app.close()
 
 
-def _insert(app: App, rows: Iterator[dict[str, Any]], loyalty: Loyalty, now: datetime) -> None:
-    # Through parse_member, so generated members are validated exactly like an import.
+def _insert(app: App, rows: Iterator[dict[str, Any]], loyalty: Loyalty, now: datetime, rng: random.Random) -> None:
+    """Generated members, through parse_member so they are validated exactly like an import. Their balances
+    become ledger lots earned over the year before the window (not on the import day), so some expire during
+    the demo and the points-expiry reminder has work to do."""
     region = app.config.default_region
     batch: list[dict[str, Any]] = []
+    lots: list[points.Movement] = []
+
+    def flush(conn: Connection) -> None:
+        upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
+        points.write(conn, loyalty, lots, now)
+        points.apply_deltas(conn, {m.member_id: m.points for m in lots}, now)
+        batch.clear()
+        lots.clear()
+
     with app.store.begin() as conn:
         for raw in rows:
-            batch.append(parse_member(raw, loyalty, region))
+            held = int(raw.pop("points", 0) or 0)
+            member = parse_member(raw, loyalty, region)
+            batch.append(member)
+            if held > 0:
+                earned = now - timedelta(days=rng.uniform(1, 364), hours=rng.uniform(0, 24))
+                lots.append(points.Movement(member["id"], points.Kind.EARN, held, earned,
+                                            "points earned before the demo window"))
             if len(batch) >= BATCH:
-                upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
-                batch = []
-        upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
+                flush(conn)
+        flush(conn)
 
 
 def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loyalty, config: Config) -> list[str]:
