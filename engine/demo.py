@@ -47,7 +47,7 @@ from engine.safety import QuietHours
 from engine.simulate import simulate
 from engine.store import Store
 
-TICK = timedelta(hours=3)  # 720 ticks for 90 days keep the default demo well under a minute
+TICK = timedelta(hours=3)  # 720 ticks for 90 days
 NEW_MEMBER_SHARE = 0.1  # of --members, signing up during the window (the welcome journey's audience)
 DRIFT = 0.2  # chance that an order is an active member's last for a long while
 BATCH = 1000
