@@ -96,8 +96,8 @@ class App:
             raise RulesError(problems, f"{path} has problems; fix them before recording members or events")
         return book.loyalty
 
-    def live_journeys(self, now: datetime) -> dict[str, LiveJourney]:
-        book = self.rules()
+    def live_journeys(self, now: datetime, book: Rulebook | None = None) -> dict[str, LiveJourney]:
+        book = book or self.rules()
         with self.store.begin() as conn:
             return sync(conn, self.store.dialect, book, self.versions, now)
 
@@ -110,8 +110,9 @@ class App:
         with self.store.begin() as conn:
             report.add("unknown", queries.reap_unknown(conn, now))
             queries.prune_webhook_receipts(conn, now - timedelta(days=30))
-        self.programme.run(now, report)
-        live = self.live_journeys(now)
+        book = self.rules()
+        self.programme.run(now, report, book)
+        live = self.live_journeys(now, book)
         self.entry.handle_events(now, live, report, stop)
         if not stop():
             self.entry.exit_by_condition(now, live, report)

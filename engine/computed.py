@@ -34,12 +34,33 @@ def _naive(value: datetime) -> datetime:
 
 def days_since(column: Any, now: datetime, dialect: str) -> Any:
     if dialect == "sqlite":
-        stamp = _naive(now).strftime("%Y-%m-%d %H:%M:%S.%f")
-        days = func.julianday(literal(stamp)) - func.julianday(column)
+        return days_since_sql(column, literal(_naive(now).strftime("%Y-%m-%d %H:%M:%S.%f")), dialect)
+    return days_since_sql(column, literal(_naive(now)), dialect)
+
+
+def days_since_sql(column: Any, now: Any, dialect: str) -> Any:
+    """Whole days from COLUMN to NOW, an SQL expression: on SQLite the stored text form of the time, on
+    PostgreSQL a timestamp (engine.intelligence passes bound parameters so its statement is built once)."""
+    if dialect == "sqlite":
+        days = func.julianday(now) - func.julianday(column)
         whole = cast(days, Integer)  # truncates toward zero; floor it, as PostgreSQL does, for future dates
         return case((days < whole, whole - 1), else_=whole)
-    seconds = func.extract("epoch", literal(_naive(now)) - column)
+    seconds = func.extract("epoch", now - column)
     return cast(func.floor(seconds / 86400), Integer)
+
+
+def purchases_between(start: Any, end: Any, dialect: str) -> tuple[Any, Any]:
+    """(orders, spend) of the member's (correlated to ``members``) purchase events in [START, END]."""
+    orders = _WINDOW_EVENTS
+    window = and_(orders.c.member_id == members.c.id, orders.c.type == "purchase",
+                  orders.c.occurred_at >= start, orders.c.occurred_at <= end)
+    if dialect == "sqlite":
+        amount: Any = func.json_extract(orders.c.properties, "$.amount")
+    else:
+        amount = cast(orders.c.properties.op("->>")("amount"), Float)
+    count = select(func.count()).select_from(orders).where(window).correlate(members).scalar_subquery()
+    total = select(func.coalesce(func.sum(amount), 0.0)).select_from(orders).where(window)
+    return count, total.correlate(members).scalar_subquery()
 
 
 def computed_sql(name: str, now: datetime, dialect: str) -> Any:
@@ -54,18 +75,8 @@ def computed_sql(name: str, now: datetime, dialect: str) -> Any:
     match = _WINDOW.match(name)
     if match is None:
         raise ValueError(f"unknown computed attribute {name!r}")
-    cutoff = now - timedelta(days=int(match.group(2)))
-    orders = _WINDOW_EVENTS
-    window = and_(orders.c.member_id == members.c.id, orders.c.type == "purchase",
-                  orders.c.occurred_at >= cutoff, orders.c.occurred_at <= now)
-    if match.group(1) == "orders":
-        return select(func.count()).select_from(orders).where(window).correlate(members).scalar_subquery()
-    if dialect == "sqlite":
-        amount: Any = func.json_extract(orders.c.properties, "$.amount")
-    else:
-        amount = cast(orders.c.properties.op("->>")("amount"), Float)
-    total = select(func.coalesce(func.sum(amount), 0.0)).select_from(orders).where(window)
-    return total.correlate(members).scalar_subquery()
+    count, total = purchases_between(now - timedelta(days=int(match.group(2))), now, dialect)
+    return count if match.group(1) == "orders" else total
 
 
 def computed_columns(names: Iterable[str], now: datetime, dialect: str) -> list[Label[Any]]:

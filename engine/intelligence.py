@@ -29,22 +29,20 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Float,
-    Integer,
     String,
     and_,
     bindparam,
     case,
     cast,
-    func,
     literal,
     or_,
-    select,
     text,
     update,
 )
 
+from engine.computed import days_since_sql, purchases_between
 from engine.loyalty import Loyalty
-from engine.models import UTCDateTime, events, members
+from engine.models import UTCDateTime, members
 
 CHURN_REASONS = ("no_login", "aov_drop")
 # First match wins; r, f, m are the quintile scores 1-5.
@@ -60,7 +58,6 @@ SEGMENTS = (
     ("needs_attention", "1 = 1"),
 )
 SEGMENT_NAMES = tuple(name for name, _ in SEGMENTS)  # == attributes.RFM_SEGMENTS (tested)
-_RECENT = events.alias("recent_orders")
 
 
 def _latest(a: Any, b: Any) -> Any:
@@ -78,37 +75,15 @@ def _stage(new_cut: Any, active_cut: Any, churn_cut: Any) -> Any:
     )
 
 
-def _tenure_days(dialect: str) -> Any:
-    """Whole days since sign-up at :now (as days_since in engine.computed), with :now a bound parameter."""
-    if dialect == "sqlite":
-        days = func.julianday(bindparam("now_text", type_=String())) - func.julianday(members.c.signup_at)
-        whole = cast(days, Integer)
-        return case((days < whole, whole - 1), else_=whole)
-    seconds = func.extract("epoch", bindparam("now", type_=UTCDateTime()) - members.c.signup_at)
-    return cast(func.floor(seconds / 86400), Integer)
-
-
-def _recent(dialect: str) -> tuple[Any, Any]:
-    """Orders and spend of the member's purchases in (:recent_cut, :now]."""
-    window = and_(_RECENT.c.member_id == members.c.id, _RECENT.c.type == "purchase",
-                  _RECENT.c.occurred_at >= bindparam("recent_cut", type_=UTCDateTime()),
-                  _RECENT.c.occurred_at <= bindparam("now", type_=UTCDateTime()))
-    if dialect == "sqlite":
-        amount: Any = func.json_extract(_RECENT.c.properties, "$.amount")
-    else:
-        amount = cast(_RECENT.c.properties.op("->>")("amount"), Float)
-    count = select(func.count()).select_from(_RECENT).where(window).correlate(members).scalar_subquery()
-    total = select(func.coalesce(func.sum(amount), 0.0)).select_from(_RECENT).where(window)
-    return count, total.correlate(members).scalar_subquery()
-
-
 def _values(dialect: str) -> dict[str, Any]:
     """The SET clause; every threshold is a bound parameter (see _params), so it is built once per dialect."""
     stage = _stage(bindparam("new_cut", type_=UTCDateTime()), bindparam("active_cut", type_=UTCDateTime()),
                    bindparam("churn_cut", type_=UTCDateTime()))
     orders = cast(members.c.order_count, Float)
     aov = case((members.c.order_count > 0, members.c.total_spend / orders), else_=None)
-    tenure = _tenure_days(dialect)
+    now_sql = (bindparam("now_text", type_=String()) if dialect == "sqlite"
+               else bindparam("now", type_=UTCDateTime()))
+    tenure = days_since_sql(members.c.signup_at, now_sql, dialect)
     tenure = case((tenure.is_(None), 365), (tenure < 30, 30), else_=tenure)
     retention = case((stage == "churned", 0.0), (stage == "silent", 0.5), else_=1.0)
     # aov × orders per year is spend per year.
@@ -116,7 +91,8 @@ def _values(dialect: str) -> dict[str, Any]:
                 * bindparam("horizon", type_=Float()) * retention), else_=None)
     no_login = and_(members.c.last_login_at.is_not(None),
                     members.c.last_login_at < bindparam("login_cut", type_=UTCDateTime()))
-    recent_n, recent_s = _recent(dialect)
+    recent_n, recent_s = purchases_between(bindparam("recent_cut", type_=UTCDateTime()),
+                                           bindparam("now", type_=UTCDateTime()), dialect)
     earlier_n = members.c.order_count - recent_n
     drop = and_(recent_n > 0, earlier_n > 0,
                 cast(recent_s, Float) / cast(recent_n, Float)

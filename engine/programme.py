@@ -23,6 +23,7 @@ from engine import intelligence, points, tiers
 from engine.loyalty import Loyalty
 from engine.models import events, programme_state
 from engine.report import TickReport
+from engine.rulebook import Rulebook
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -50,8 +51,7 @@ class ProgrammePhase:
     def __init__(self, app: App) -> None:
         self.app = app
 
-    def run(self, now: datetime, report: TickReport) -> None:
-        book = self.app.rules()
+    def run(self, now: datetime, report: TickReport, book: Rulebook) -> None:
         path = str(self.app.config.rules_path / "loyalty.yaml")
         if any(p.file == path for p in book.problems):
             log.error("%s has problems: points expiry, tier reviews and member intelligence wait until it is fixed",

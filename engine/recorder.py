@@ -126,11 +126,13 @@ class EventRecorder:
                 report.triggered += 1
                 report.tier_changes += extra.type == "tier_changed"
             report.loaded += 1
-        if inserts:
+        if inserts and self._moves:  # the ledger rows name the event that caused them
             ids_back = self.conn.execute(events.insert().returning(events.c.id, sort_by_parameter_order=True),
                                          inserts).scalars().all()
             moves = [dataclasses.replace(move, event_id=ids_back[index]) for index, move in self._moves]
             points.write(self.conn, self.loyalty, moves, self.now)
+        elif inserts:
+            self.conn.execute(events.insert(), inserts)
         # Only members an event really changed (a login changes nothing), in one executemany.
         effects = [{"_id": member_id, **{c: state[member_id][c] for c in _EFFECT_COLUMNS}}
                    for member_id in changed
