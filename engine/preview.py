@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from engine import unsubscribe as unsub
+from engine.computed import computed_columns
 from engine.context import ContextBuilder
 from engine.exceptions import NotFound, TemplateRenderError
 from engine.journey import SendStep
 from engine.models import events, members
 from engine.problems import did_you_mean
 from engine.safety import Rails
+from engine.versions import LiveJourney, computed_needed
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -30,8 +32,11 @@ def render_preview(app: App, journey_id: str, step_id: str, member_id: str, now:
     if step is None:
         hint = did_you_mean(step_id, [s.id for s in sends])
         raise NotFound(f"journey {journey_id} has no send step {step_id!r}{hint}")
+    # The computed attributes the journey's conditions use are loaded with the member, as the runner does.
+    needed = computed_needed([LiveJourney(journey, 0, book.segment_conditions)])
+    extra = computed_columns(needed, now, app.store.dialect)
     with app.store.connect() as conn:
-        found_member = conn.execute(select(members).where(members.c.id == member_id)).mappings().first()
+        found_member = conn.execute(select(members, *extra).where(members.c.id == member_id)).mappings().first()
         if found_member is None:
             raise NotFound(f"member {member_id!r} does not exist")
         member = dict(found_member)

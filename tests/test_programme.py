@@ -269,6 +269,10 @@ def test_member_show_and_programme_report(harness: Harness) -> None:
     table = _cli(h, "report", "--programme", "--to", "2026-03-31T00:00:00Z").output
     assert "银卡会员 (silver): 1 (50.0%)" in table
     assert "up   regular -> silver: 1" in table
+    # preview loads the computed attributes the journey uses, as a send does
+    preview = _cli(h, "preview", "points_expiry", "reminder_email", "--member", "lin")
+    assert preview.exit_code == 0, preview.output
+    assert "subject: 您有 0 积分即将到期" in preview.output and "您的 300 积分将于 2027年3月10日 到期" in preview.output
     page = _cli(h, "report", "--programme", "--format", "html", "--to", "2026-03-31T00:00:00Z").output
     assert page.startswith("<!doctype html>") and "银卡会员 (silver): 1 (50.0%)" in page
 
