@@ -46,6 +46,7 @@ from engine.report import TickReport
 from engine.safety import QuietHours
 from engine.simulate import simulate
 from engine.store import Store
+from engine.tiers import load_purchases, window_start
 
 TICK = timedelta(hours=3)  # 720 ticks for 90 days
 NEW_MEMBER_SHARE = 0.1  # of --members, signing up during the window (the welcome journey's audience)
@@ -494,23 +495,35 @@ def _summary(conn: Connection, db: Path, outboxes: dict[str, Path], loyalty: Loy
 
 
 def _near_next_tier(conn: Connection, loyalty: Loyalty, config: Config) -> tuple[str, float] | None:
-    """A member of the lowest tier with email consent whose qualifying spend is closest below the next tier,
-    preferring one outside quiet hours now, so that the congratulation goes at once rather than in the morning."""
+    """A member of the lowest tier with email consent whose spend over the qualification window right now is
+    closest below the next tier (a purchase of the shortfall upgrades them), preferring one outside quiet hours
+    now, so that the congratulation goes at once rather than in the morning."""
     if len(loyalty.tiers) < 2:
         return None
-    threshold = loyalty.tiers[1].min_spend
-    rows = conn.execute(select(members.c.id, members.c.qualifying_spend, members.c.timezone)
+    target = loyalty.tiers[1]
+    rows = conn.execute(select(members.c.id, members.c.timezone, members.c.total_spend, members.c.order_count)
                         .where(members.c.tier == loyalty.tiers[0].id, members.c.email_opt_in.is_(True),
-                               members.c.email.is_not(None), members.c.qualifying_spend < threshold)
-                        .order_by(members.c.qualifying_spend.desc(), members.c.id).limit(50)).all()
-    if not rows:
-        return None
+                               members.c.email.is_not(None))
+                        .order_by(members.c.total_spend.desc(), members.c.id).limit(500)).all()
+    now = datetime.now(UTC)
+    start = window_start(loyalty, now)
+    history = load_purchases(conn, [r.id for r in rows], start) if start is not None else {}
     quiet = config.quiet_hours
     hours = QuietHours(quiet.start, quiet.end) if quiet is not None else None
-    now = datetime.now(UTC)
-    awake = [r for r in rows if hours is None or hours.release(now, r.timezone, config.default_timezone) is None]
-    best = (awake or rows)[0]
-    return str(best.id), threshold - float(best.qualifying_spend)
+    best: tuple[bool, float, str] | None = None
+    for row in rows:
+        if start is None:
+            spend, orders = float(row.total_spend or 0), int(row.order_count or 0)
+        else:
+            spend, orders = history[row.id].totals(start, now) if row.id in history else (0.0, 0)
+        short = target.min_spend - spend
+        if short <= 0 or not target.qualifies(spend + math.ceil(short), orders + 1):
+            continue
+        awake = hours is None or hours.release(now, row.timezone, config.default_timezone) is None
+        key = (not awake, short, str(row.id))
+        if best is None or key < best:
+            best = key
+    return None if best is None else (best[2], best[1])
 
 
 def _showcase_member(conn: Connection) -> str | None:

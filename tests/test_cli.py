@@ -186,3 +186,14 @@ def test_the_demo_builds_a_database_that_verifies_and_shows_the_programme(projec
     report = json.loads(cli(project, "report", "--programme", "--format", "json").output)
     assert report["members"] == 120 and sum(report["tiers"].values()) == 120
     assert report["points_expired"] > 0  # balances brought into the demo were earned over the past year
+    # The purchase the demo suggests really takes that member to the next tier, and the next tick congratulates.
+    suggested = next(line.split("python run.py ", 1)[1] for line in out.splitlines()
+                     if " purchase --prop amount=" in line)
+    event_args = suggested.split(" && ")[0].split()
+    recorded = cli(project, *event_args)
+    assert recorded.exit_code == 0 and "raised the member's tier" in recorded.output, recorded.output
+    ticked = cli(project, "tick")
+    assert ticked.exit_code == 0, ticked.output
+    member_id = event_args[event_args.index("event") + 1]
+    rows = [json.loads(x) for x in cli(project, "log", "--member", member_id, "--format", "jsonl").output.splitlines()]
+    assert ("tier_upgrade", "congrats_email") in {(r["journey"], r["step"]) for r in rows}
