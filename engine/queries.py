@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, literal_column, or_, select, update
+from sqlalchemy import Connection, Dialect, literal_column, or_, select, update
 from sqlalchemy.sql.elements import ColumnClause
 
-from engine.models import EnrollmentStatus, MessageStatus, enrollments, events, messages, webhook_receipts
+from engine.models import Base, EnrollmentStatus, MessageStatus, enrollments, events, messages, webhook_receipts
 
 # Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
 # query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
@@ -119,6 +119,10 @@ def release_enrollment_claims(conn: Connection, worker: str) -> None:
 # per-row parameter processing; everything else uses Core.
 
 
+# Bound parameters per set-based statement: well under SQLite's limit on old builds (999) and PostgreSQL's.
+_MAX_PARAMETERS = 900
+
+
 class BulkWriter:
     def __init__(self, dialect: str) -> None:
         self.sqlite = dialect == "sqlite"
@@ -141,6 +145,14 @@ class BulkWriter:
         return template.format(columns=", ".join(names), marks=", ".join([self.mark] * len(names)),
                                sets=", ".join(f"{n} = {self.mark}" for n in names), m=self.mark)
 
+    def _typed(self, dialect: Dialect, table: str, name: str, expression: str) -> str:
+        """EXPRESSION cast to the column's type on PostgreSQL, which types a VALUES column by its first values
+        (as text when those are NULL); SQLite's columns take what they are given."""
+        if self.sqlite:
+            return expression
+        column = Base.metadata.tables[table].c[name]
+        return f"CAST({expression} AS {column.type.compile(dialect=dialect)})"
+
     def insert(self, conn: Connection, table: str, names: tuple[str, ...],
                rows: Sequence[Sequence[object]]) -> None:
         if rows:
@@ -148,7 +160,37 @@ class BulkWriter:
 
     def update_by_id(self, conn: Connection, table: str, names: tuple[str, ...],
                      rows: list[tuple[object, ...]], only_if: str = "") -> None:
-        """ROWS are (values for NAMES..., id); ONLY_IF is an extra SQL condition (a constant one, no parameters)."""
-        if rows:
-            extra = f" AND {only_if}" if only_if else ""
-            conn.exec_driver_sql(self._sql(f"UPDATE {table} SET {{sets}} WHERE id = {{m}}{extra}", names), rows)
+        """ROWS are (values for NAMES..., id); ONLY_IF is an extra SQL condition (a constant one, no parameters).
+
+        Set-based rather than a statement per row: a column whose value is the same in every row (a batch's
+        status, clock, step) is bound once, and the ids, with the columns that do differ (a provider id per
+        message), go in as a VALUES list joined on id, a few hundred rows per statement. When nothing
+        differs but the id it is a plain ``WHERE id IN (…)``.
+        """
+        if not rows:
+            return
+        extra = f" AND {only_if}" if only_if else ""
+        count = len(names)
+        first = rows[0]
+        same = [all(type(r[i]) is type(first[i]) and r[i] == first[i] for r in rows) for i in range(count)]
+        varying = [i for i in range(count) if not same[i]]
+        fixed = [first[i] for i in range(count) if same[i]]
+        sets = [f"{names[i]} = {self.mark}" for i in range(count) if same[i]]
+        sets += [f"{names[i]} = {self._typed(conn.dialect, table, names[i], f'v.column{k + 2}')}"
+                 for k, i in enumerate(varying)]
+        size = max(1, _MAX_PARAMETERS // (1 + len(varying)))
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            params = list(fixed)
+            if not varying:
+                sql = (f"UPDATE {table} SET {', '.join(sets)} WHERE id IN ({', '.join([self.mark] * len(chunk))})"
+                       f"{extra}")
+                params.extend(r[count] for r in chunk)
+            else:
+                tuple_marks = "(" + ", ".join([self.mark] * (1 + len(varying))) + ")"
+                sql = (f"UPDATE {table} SET {', '.join(sets)} FROM (VALUES {', '.join([tuple_marks] * len(chunk))})"
+                       f" AS v WHERE {table}.id = v.column1{extra}")
+                for r in chunk:
+                    params.append(r[count])
+                    params.extend([r[i] for i in varying])
+            conn.exec_driver_sql(sql, tuple(params))

@@ -154,3 +154,54 @@ def test_writes_go_on_beside_the_wal_checkpointer_which_stops_cleanly(tmp_path: 
             assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 2000
     finally:
         store.close()
+
+
+def test_set_based_updates_write_what_a_statement_per_row_writes(harness: Harness) -> None:
+    """BulkWriter.update_by_id binds values shared by every row once and joins the rest on id: 2,000 enrollments
+    (more than one statement's worth) moved with shared and differing values, NULLs among them, end up exactly
+    as the same moves made one UPDATE per row; rows the extra condition excludes are left alone."""
+    from engine.queries import BulkWriter
+
+    names = ("step", "status", "next_run_at", "exit_reason", "variant")
+    stamp = datetime(2026, 3, 2, 1, 5, tzinfo=UTC)
+    with harness.app.store.begin() as conn:
+        conn.execute(text("INSERT INTO members (id, attributes, created_at, updated_at, email_opt_in, sms_opt_in, "
+                          "points, total_spend, order_count) VALUES ('m', '{}', :t, :t, false, false, 0, 0, 0)"),
+                     {"t": stamp.replace(tzinfo=None)})
+        conn.execute(text(
+            "INSERT INTO enrollments (id, journey_id, journey_version, member_id, trigger_key, status, step, "
+            "entered_at) VALUES (:id, :j, 1, 'm', :k, 'active', 'first', :t)"),
+            [{"id": i, "j": f"a{i}" if i <= 2000 else f"b{i}", "k": f"k{i}", "t": stamp.replace(tzinfo=None)}
+             for i in range(1, 4001)])
+    writer = BulkWriter(harness.app.store.dialect)
+    rng = random.Random(7)
+
+    def moves(offset: int, varied: bool) -> list[tuple[object, ...]]:
+        out: list[tuple[object, ...]] = []
+        for i in range(offset + 1, offset + 2001):
+            later = writer.ts(stamp.replace(day=3 + i % 5)) if varied and rng.random() < 0.5 else None
+            variant = rng.choice(["a", "b", None]) if varied else "x"
+            out.append(("second", "active" if later else "completed", later, None, variant, i))
+        return out
+
+    shared = [("second", "completed", None, None, "x", i) for i in range(1, 1001)]  # one value per column
+    varied = moves(1000, varied=True)[:1000]
+    with harness.app.store.begin() as conn:
+        writer.update_by_id(conn, "enrollments", names, shared, only_if="journey_id < 'b'")
+        writer.update_by_id(conn, "enrollments", names, varied, only_if="journey_id < 'b'")
+        # the reference: the same moves for the b-journey twins (ids + 2000), a statement per row
+        sets = ", ".join(f"{n} = :{n}" for n in names)
+        for row in [*shared, *varied]:
+            conn.execute(text(f"UPDATE enrollments SET {sets} WHERE id = :id"),
+                         {**dict(zip(names, row[:-1], strict=True)), "id": int(str(row[-1])) + 2000})
+        # excluded by the condition: nothing happens to a b-journey row addressed directly
+        writer.update_by_id(conn, "enrollments", names, [("third", "exited", None, "no", None, 2500)],
+                            only_if="journey_id < 'b'")
+    with harness.app.store.connect() as conn:
+        got = {int(r[0]): tuple(r[1:]) for r in conn.execute(text(
+            f"SELECT id, {', '.join(names)} FROM enrollments ORDER BY id"))}
+    assert len(got) == 4000
+    assert [got[i] for i in range(1, 2001)] == [got[i + 2000] for i in range(1, 2001)]
+    assert got[1][:2] == ("second", "completed")
+    assert any(v[2] is not None for v in got.values()) and any(v[4] is None for v in got.values())
+    assert got[2500][0] == "second"
