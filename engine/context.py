@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -13,16 +14,26 @@ from engine.timeutil import zone
 
 MEMBER_COLUMNS = tuple(a.column for a in BUILTIN.values() if a.column)
 _COLUMN_SET = frozenset(MEMBER_COLUMNS)
+_ALL_COLUMNS = itemgetter(*MEMBER_COLUMNS)
 
 
-def member_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Columns plus free-form attributes (columns win a name clash), and ``attributes`` itself."""
+def member_view(row: Mapping[str, Any], computed: Collection[str] | None = None) -> dict[str, Any]:
+    """Columns plus free-form attributes (columns win a name clash), and ``attributes`` itself.
+
+    COMPUTED names the computed attributes loaded with the member (points_expiring_30_days); None finds them
+    among the row's keys.
+    """
     attributes = row.get("attributes") or {}
-    get = row.get
-    columns = {column: get(column) for column in MEMBER_COLUMNS}
+    try:
+        columns = dict(zip(MEMBER_COLUMNS, _ALL_COLUMNS(row), strict=True))
+    except KeyError:  # a row without every column (an unsaved member in a preview)
+        get = row.get
+        columns = {column: get(column) for column in MEMBER_COLUMNS}
     view = {**attributes, **columns} if attributes else columns
-    for key in row.keys() - _COLUMN_SET:  # computed attributes loaded with the member (points_expiring_30_days)
-        if COMPUTED.match(key):
+    if computed is None:
+        computed = [key for key in row.keys() - _COLUMN_SET if COMPUTED.match(key)]
+    for key in computed:
+        if key in row:
             view[key] = row[key]
     view["attributes"] = attributes
     return view
@@ -31,8 +42,11 @@ def member_view(row: Mapping[str, Any]) -> dict[str, Any]:
 class ContextBuilder:
     """Builds template contexts; per-tier, per-locale parts are computed once."""
 
-    def __init__(self, loyalty: Loyalty, default_locale: str, default_timezone: str) -> None:
+    def __init__(self, loyalty: Loyalty, default_locale: str, default_timezone: str,
+                 computed: Collection[str] | None = None) -> None:
+        """COMPUTED: the computed attributes loaded with every member (None: whichever a row carries)."""
         self.loyalty = loyalty
+        self.computed = computed
         self.default_locale = default_locale
         self.default_timezone = default_timezone
         self._tiers: dict[tuple[str | None, str], dict[str, Any]] = {}
@@ -54,7 +68,7 @@ class ContextBuilder:
     def build(self, member: Mapping[str, Any], now: datetime, journey: Mapping[str, Any],
               event: Mapping[str, Any] | None, unsubscribe_url: str) -> dict[str, Any]:
         locale = member.get("locale") or self.default_locale
-        view = member_view(member)
+        view = member_view(member, self.computed)
         tier_id = member.get("tier")
         if tier_id in self._next:
             next_tier = self._next[tier_id]

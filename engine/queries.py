@@ -119,6 +119,11 @@ def release_enrollment_claims(conn: Connection, worker: str) -> None:
 # per-row parameter processing; everything else uses Core.
 
 
+def _all_same(values: list[object]) -> bool:
+    """Whether every value equals the first and has its type (1 and True are not the same value here)."""
+    return values.count(values[0]) == len(values) and len(set(map(type, values))) == 1
+
+
 # Bound parameters per set-based statement: well under SQLite's limit on old builds (999) and PostgreSQL's.
 _MAX_PARAMETERS = 900
 
@@ -172,7 +177,7 @@ class BulkWriter:
         extra = f" AND {only_if}" if only_if else ""
         count = len(names)
         first = rows[0]
-        same = [all(type(r[i]) is type(first[i]) and r[i] == first[i] for r in rows) for i in range(count)]
+        same = [_all_same([r[i] for r in rows]) for i in range(count)]
         varying = [i for i in range(count) if not same[i]]
         fixed = [first[i] for i in range(count) if same[i]]
         sets = [f"{names[i]} = {self.mark}" for i in range(count) if same[i]]
