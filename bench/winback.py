@@ -1,6 +1,7 @@
 """Benchmark, not a test: one engine pass of the win-back journey over N lapsed members.
 
     python bench/winback.py [--members N] [--db sqlite|postgresql|both] [--batch-size B] [--profile] [--keep]
+                            [--daemons D]
 
 It builds N lapsed members in a fresh database (bulk inserts: Core executemany
 on SQLite, COPY on PostgreSQL), with a rules folder holding only the win-back
@@ -9,6 +10,11 @@ measured is the pass's own: the entry phase (segment → enrollments) and the
 first send (render, audit-log, write to the email outbox). It then checks that
 every member got exactly one logged, sent message and that the audit chain
 verifies. Figures are printed next to the targets; nothing is asserted.
+
+With --daemons D (PostgreSQL only: on SQLite a second daemon refuses to start), the
+entry runs once and then D processes send concurrently, each with its own worker id,
+as D `serve` daemons sharing one database would; the send's figures are wall time
+from the start of the first to the end of the last.
 
 PostgreSQL: ENGINE_BENCH_PG_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test);
 the bench works in a schema of its own, created and dropped around the run.
@@ -68,6 +74,7 @@ class Options:
     profile: bool = False
     keep: bool = False
     analyze: bool = False
+    daemons: int = 1
 
 
 @dataclass
@@ -173,8 +180,8 @@ def _stored(value: Any) -> Any:
 # --------------------------------------------------------------------------- the pass (child process)
 
 
-def one_pass(config_path: str, profile_to: str | None, analyze: bool) -> dict[str, Any]:
-    """Entry phase and first send at CLOCK; runs in its own process."""
+def one_pass(config_path: str, profile_to: str | None, analyze: bool, phase: str = "all") -> dict[str, Any]:
+    """Entry phase and first send at CLOCK (PHASE "entry" or "send": only that one); runs in its own process."""
     config = load_config(config_path)
     app = App(config, migrate=False)
     app.require_valid_rules()
@@ -186,15 +193,17 @@ def one_pass(config_path: str, profile_to: str | None, analyze: bool) -> dict[st
     started = time.perf_counter()
     live = app.live_journeys(CLOCK)
     synced = time.perf_counter()
-    app.entry.enter(CLOCK, live, report)
+    if phase != "send":
+        app.entry.enter(CLOCK, live, report)
     entered = time.perf_counter()
     analyzed = 0.0
-    if analyze:  # what-if: fresh planner statistics, which the engine does not gather itself
+    if analyze and phase != "send":  # what-if: fresh planner statistics, which the engine does not gather itself
         with app.store.begin() as conn:
             conn.execute(text("ANALYZE"))
         analyzed = time.perf_counter() - entered
         entered = time.perf_counter()
-    app.runner.run_due(CLOCK, live, report, lambda: False)
+    if phase != "entry":
+        app.runner.run_due(CLOCK, live, report, lambda: False)
     sent = time.perf_counter()
     if profiler:
         profiler.disable()
@@ -209,16 +218,41 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_pass(config_path: Path, profile_to: Path | None, analyze: bool) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--pass", str(config_path)]
+def _pass_command(config_path: Path, profile_to: Path | None, analyze: bool, phase: str) -> list[str]:
+    command = [sys.executable, __file__, "--pass", str(config_path), "--phase", phase]
     if profile_to:
         command += ["--profile-to", str(profile_to)]
     if analyze:
         command.append("--analyze")
+    return command
+
+
+def _figures(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    if returncode != 0:
+        sys.exit(f"the engine pass failed:\n{stderr}")
+    figures: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return figures
+
+
+def _run(command: list[str]) -> dict[str, Any]:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"the engine pass failed:\n{done.stderr}")
-    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return _figures(done.returncode, done.stdout, done.stderr)
+
+
+def run_pass(config_path: Path, profile_to: Path | None, analyze: bool, daemons: int = 1) -> dict[str, Any]:
+    """One pass in a child process; with DAEMONS > 1, the entry in one child, then DAEMONS sending at once."""
+    if daemons == 1:
+        return _run(_pass_command(config_path, profile_to, analyze, "all"))
+    figures = _run(_pass_command(config_path, None, analyze, "entry"))
+    started = time.perf_counter()
+    senders = [subprocess.Popen(_pass_command(config_path, None, False, "send"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(daemons)]
+    outputs = [p.communicate() for p in senders]
+    send_s = time.perf_counter() - started
+    each = [_figures(p.returncode, out, err) for p, (out, err) in zip(senders, outputs, strict=True)]
+    figures.update(send_s=send_s, total_s=figures["total_s"] + send_s, sent=sum(f["sent"] for f in each),
+                   rss_before_mb=max(f["rss_before_mb"] for f in each),
+                   rss_peak_mb=max(f["rss_peak_mb"] for f in each), sent_by_daemon=[f["sent"] for f in each])
     return figures
 
 
@@ -280,7 +314,7 @@ def bench(db: str, options: Options) -> Result:
         print(f"[{db}] {count:,} members loaded in {result.load_seconds:.1f}s; running one engine pass…",
               flush=True)
         result.pass_figures = run_pass(root / "config.yaml", root / "pass.prof" if options.profile else None,
-                                       options.analyze)
+                                       options.analyze, options.daemons if db == "postgresql" else 1)
         result.checks, result.verify_seconds = check(app, config, count)
         app.store.close()
         if options.profile:
@@ -365,20 +399,32 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and PostgreSQL schema")
     parser.add_argument("--analyze", action="store_true",
                         help="what-if: run ANALYZE between entry and send (the engine does not do this itself)")
+    parser.add_argument("--daemons", type=int, default=1,
+                        help="PostgreSQL: D processes send concurrently after one entry phase (default 1)")
     parser.add_argument("--pass", dest="pass_config", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["all", "entry", "send"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pass_config:  # the child: one pass, figures as one JSON line
-        print(json.dumps(one_pass(args.pass_config, args.profile_to, args.analyze)))
+        print(json.dumps(one_pass(args.pass_config, args.profile_to, args.analyze, args.phase)))
         return
     if args.members < 1:
         parser.error("--members must be 1 or more")
+    if args.daemons < 1:
+        parser.error("--daemons must be 1 or more")
+    if args.daemons > 1 and args.db != "postgresql":
+        parser.error("--daemons needs --db postgresql: on SQLite a second daemon refuses to start")
+    if args.daemons > 1 and args.profile:
+        parser.error("--profile profiles one process: use it without --daemons")
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    options = Options(args.members, args.batch_size, args.profile, args.keep, args.analyze)
+    options = Options(args.members, args.batch_size, args.profile, args.keep, args.analyze, args.daemons)
     results = [bench(db, options) for db in dbs]
     for line in table(results):
         print(line)
     for r in results:
+        split = r.pass_figures.get("sent_by_daemon")
+        if split:
+            print(f"[{r.db}] {len(split)} daemons sent concurrently: " + " + ".join(f"{n:,}" for n in split))
         for label, ok in r.checks:
             print(f"[{r.db}] {'ok  ' if ok else 'FAIL'} {label}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -42,6 +43,11 @@ def _line(m: OutgoingMessage) -> str:
         return _JSON.encode(_record(m))
 
 
+def _lock(descriptor: int, exclusive: bool) -> None:
+    """Take (EXCLUSIVE) or release an advisory lock on the whole file."""
+    fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
+
+
 class ConsoleChannel(Channel):
     provider = "console"
 
@@ -58,7 +64,11 @@ class ConsoleChannel(Channel):
 
 
 class OutboxChannel(Channel):
-    """Appends one JSON object per message to a JSONL file, one write and fsync per batch."""
+    """Appends one JSON object per message to a JSONL file, one write and fsync per batch.
+
+    Each batch is written under an exclusive ``flock`` on the file, so several daemons sharing one outbox
+    (PostgreSQL deployments) never interleave parts of their lines.
+    """
 
     provider = "outbox"
 
@@ -70,9 +80,15 @@ class OutboxChannel(Channel):
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         if not messages:
             return []
-        self._handle.write("\n".join([_line(m) for m in messages]) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        text = "\n".join([_line(m) for m in messages]) + "\n"
+        descriptor = self._handle.fileno()
+        _lock(descriptor, exclusive=True)
+        try:
+            self._handle.write(text)
+            self._handle.flush()
+            os.fsync(descriptor)
+        finally:
+            _lock(descriptor, exclusive=False)
         return [SendResult(Outcome.SENT, f"outbox-{m.id}") for m in messages]
 
     def close(self) -> None:

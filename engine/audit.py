@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.models import UTCDateTime, audit_head, messages
-from engine.queries import BulkWriter
+from engine.queries import BulkWriter, among, chunked
 
 GENESIS = "0" * 64
 MESSAGE_COLUMNS = tuple(c.name for c in messages.columns)
@@ -118,11 +118,12 @@ def _existing_keys(conn: Connection, keys: list[tuple[str, int, str]]) -> set[tu
     """Which at-most-once keys are already logged (only after a crash mid-batch are there any)."""
     ordered = sorted({enrollment_id for _, enrollment_id, _ in keys})
     existing: set[tuple[str, int, str]] = set()
-    for start in range(0, len(ordered), 900):
+    dialect = conn.dialect.name
+    for chunk in chunked(ordered, dialect):
         # Enrollment ids are unique across journeys; ix_messages_enrollment_id makes this one probe per id.
         found = conn.execute(
             select(messages.c.journey, messages.c.enrollment_id, messages.c.step)
-            .where(messages.c.enrollment_id.in_(ordered[start:start + 900]))
+            .where(among(messages.c.enrollment_id, chunk, dialect))
         ).all()
         existing.update((j, int(e), s) for j, e, s in found)
     return existing

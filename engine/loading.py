@@ -1,9 +1,10 @@
 """Loading a batch of claimed enrollments with their members (and triggering events) for the runner.
 
-One SELECT joining enrollments, members and events. On PostgreSQL it runs through SQLAlchemy's Core. On SQLite,
-where SQLAlchemy's per-row result processing cost more than the query itself, the same columns are read
-through the DBAPI cursor and converted with SQLAlchemy's own result processors per column type, with a
-shortcut for the one text form the engine writes times in; the values are the same either way.
+One SELECT joining enrollments, members and events. SQLAlchemy's per-row result processing cost more than
+the query itself, so the columns are read through the DBAPI cursor and converted with SQLAlchemy's own result
+processors per column type, with a shortcut for the one text form the engine writes times in on SQLite; the
+values are the same as Core's. On PostgreSQL the ids go in as one array. Batches that also load computed
+attributes go through Core.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ _ENROLLMENT_COLUMNS: tuple[tuple[str, Column[Any]], ...] = (
     ("waiting_for", enrollments.c.waiting_for), ("event_properties", events.c.properties),
 )
 _COLUMNS: tuple[tuple[str, Column[Any]], ...] = (*_ENROLLMENT_COLUMNS, *((c.name, c) for c in members.c))
-_SQLITE_SQL = (
+_FROM = (
     "SELECT " + ", ".join(f"{c.table.name}.{c.name}" for _, c in _COLUMNS)
     + " FROM enrollments JOIN members ON members.id = enrollments.member_id"
     + " LEFT OUTER JOIN events ON events.id = enrollments.event_id"
-    + " WHERE enrollments.id IN ({marks}) ORDER BY enrollments.id"
 )
+_SQLITE_SQL = _FROM + " WHERE enrollments.id IN ({marks}) ORDER BY enrollments.id"
+_POSTGRESQL_SQL = _FROM + " WHERE enrollments.id = ANY(%s) ORDER BY enrollments.id"
 _SQLITE_CHUNK = 900  # bound parameters per statement stay well under SQLite's limit on old builds
 
 Converter = Callable[[Any], Any]
@@ -48,25 +50,27 @@ def select_batch(ids: Sequence[int], extra: Sequence[Label[Any]]) -> Select[Any]
 
 def load_batch(conn: Connection, ids: Sequence[int], extra: Sequence[Label[Any]]) -> list[dict[str, Any]]:
     """The rows of select_batch(IDS, EXTRA), as dicts."""
-    if conn.dialect.name == "sqlite" and not extra:
-        return _load_sqlite(conn, ids)
-    return [dict(r) for r in conn.execute(select_batch(ids, extra)).mappings()]
-
-
-def _load_sqlite(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
-    converters = _converters(conn.dialect)
-    names = [name for name, _ in _COLUMNS]
-    out: list[dict[str, Any]] = []
+    if extra:
+        return [dict(r) for r in conn.execute(select_batch(ids, extra)).mappings()]
     ordered = sorted(ids)
     cursor = conn.connection.cursor()  # the DBAPI's own: rows as plain tuples, no Row objects on the way
+    fetched: list[Any] = []
     try:
-        fetched: list[Any] = []
-        for start in range(0, len(ordered), _SQLITE_CHUNK):
-            chunk = tuple(ordered[start:start + _SQLITE_CHUNK])
-            cursor.execute(_SQLITE_SQL.format(marks=", ".join("?" * len(chunk))), chunk)
-            fetched += cursor.fetchall()
+        if conn.dialect.name == "sqlite":
+            for start in range(0, len(ordered), _SQLITE_CHUNK):
+                chunk = tuple(ordered[start:start + _SQLITE_CHUNK])
+                cursor.execute(_SQLITE_SQL.format(marks=", ".join("?" * len(chunk))), chunk)
+                fetched += cursor.fetchall()
+        else:  # one array parameter: the same statement text for every batch
+            cursor.execute(_POSTGRESQL_SQL, (ordered,))
+            fetched = list(cursor.fetchall())
+        # PostgreSQL's numeric processors depend on the type the server sent (SQLite sends none).
+        types = tuple(d[1] for d in cursor.description or ())
     finally:
         cursor.close()
+    converters = _converters(conn.dialect, types)
+    names = [name for name, _ in _COLUMNS]
+    out: list[dict[str, Any]] = []
     for raw in fetched:
         values = list(raw)
         for index, convert in converters:
@@ -77,16 +81,18 @@ def _load_sqlite(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
     return out
 
 
-_CONVERTERS: dict[str, list[tuple[int, Converter]]] = {}
+_CONVERTERS: dict[tuple[str, tuple[Any, ...]], list[tuple[int, Converter]]] = {}
 
 
-def _converters(dialect: Dialect) -> list[tuple[int, Converter]]:
-    """(column index, converter) for the columns whose stored form is not already the Python value."""
-    key = dialect.name
+def _converters(dialect: Dialect, types: tuple[Any, ...]) -> list[tuple[int, Converter]]:
+    """(column index, converter) for the columns whose stored form is not already the Python value; TYPES are
+    the DBAPI's type codes of the columns (cursor.description)."""
+    key = (dialect.name, types)
     if key not in _CONVERTERS:
         found: list[tuple[int, Converter]] = []
         for index, (_, column) in enumerate(_COLUMNS):
-            processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            type_code = types[index] if index < len(types) else None
+            processor = column.type.dialect_impl(dialect).result_processor(dialect, type_code)
             if processor is None:
                 continue
             if isinstance(column.type, UTCDateTime):

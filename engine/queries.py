@@ -7,11 +7,12 @@ and set the owner and lease expiry in the same statement.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Dialect, literal_column, or_, select, update
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy import ARRAY, Connection, Dialect, any_, bindparam, literal_column, or_, select, update
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from engine.models import Base, EnrollmentStatus, MessageStatus, enrollments, events, messages, webhook_receipts
 
@@ -20,8 +21,27 @@ from engine.models import Base, EnrollmentStatus, MessageStatus, enrollments, ev
 _ACTIVE: ColumnClause[str] = literal_column(f"'{EnrollmentStatus.ACTIVE.value}'")
 _QUEUED: ColumnClause[str] = literal_column(f"'{MessageStatus.QUEUED.value}'")
 
+T = TypeVar("T")
+
 UNKNOWN_EXPLANATION = ("the engine stopped after handing this message to the channel and before the answer was "
                        "recorded; it was not re-sent — check with the provider before sending again")
+
+
+def among(column: ColumnElement[Any], values: Sequence[Any], dialect: str) -> ColumnElement[bool]:
+    """COLUMN IN VALUES. On PostgreSQL ``COLUMN = ANY(array)``: one parameter, so the statement's text is the
+    same whatever the count and psycopg and the server parse it once; a list of placeholders is a new statement
+    (and for a batch's thousand ids a slow one to parse) every time."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(list(values))
+
+
+def chunked(values: Sequence[T], dialect: str) -> Iterator[Sequence[T]]:
+    """VALUES in pieces for among(): 900 at a time on SQLite (bound parameters per statement stay under old
+    builds' limit of 999), all at once on PostgreSQL (one array)."""
+    size = 900 if dialect == "sqlite" else max(1, len(values))
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
 
 
 def claim_due_enrollments(conn: Connection, worker: str, now: datetime, lease_until: datetime, limit: int,
@@ -150,13 +170,9 @@ class BulkWriter:
         return template.format(columns=", ".join(names), marks=", ".join([self.mark] * len(names)),
                                sets=", ".join(f"{n} = {self.mark}" for n in names), m=self.mark)
 
-    def _typed(self, dialect: Dialect, table: str, name: str, expression: str) -> str:
-        """EXPRESSION cast to the column's type on PostgreSQL, which types a VALUES column by its first values
-        (as text when those are NULL); SQLite's columns take what they are given."""
-        if self.sqlite:
-            return expression
-        column = Base.metadata.tables[table].c[name]
-        return f"CAST({expression} AS {column.type.compile(dialect=dialect)})"
+    def _array_type(self, dialect: Dialect, table: str, name: str) -> str:
+        """The PostgreSQL array type of column NAME's values (``VARCHAR(64)[]``)."""
+        return f"{Base.metadata.tables[table].c[name].type.compile(dialect=dialect)}[]"
 
     def insert(self, conn: Connection, table: str, names: tuple[str, ...],
                rows: Sequence[Sequence[object]]) -> None:
@@ -169,8 +185,9 @@ class BulkWriter:
 
         Set-based rather than a statement per row: a column whose value is the same in every row (a batch's
         status, clock, step) is bound once, and the ids, with the columns that do differ (a provider id per
-        message), go in as a VALUES list joined on id, a few hundred rows per statement. When nothing
-        differs but the id it is a plain ``WHERE id IN (…)``.
+        message), are joined on id: on SQLite from a VALUES list, a few hundred rows per statement; on
+        PostgreSQL from ``unnest`` over one array per column. When nothing differs but the id it is a plain
+        ``id IN (…)`` (``id = ANY(array)`` on PostgreSQL).
         """
         if not rows:
             return
@@ -180,21 +197,35 @@ class BulkWriter:
         same = [_all_same([r[i] for r in rows]) for i in range(count)]
         varying = [i for i in range(count) if not same[i]]
         fixed = [first[i] for i in range(count) if same[i]]
-        sets = [f"{names[i]} = {self.mark}" for i in range(count) if same[i]]
-        sets += [f"{names[i]} = {self._typed(conn.dialect, table, names[i], f'v.column{k + 2}')}"
-                 for k, i in enumerate(varying)]
+        sets = ", ".join([f"{names[i]} = {self.mark}" for i in range(count) if same[i]]
+                         + [f"{names[i]} = v.c{k}" for k, i in enumerate(varying)])
+        if not self.sqlite:
+            # Arrays, one parameter per column: the statement is the same text for every batch, so psycopg and
+            # the server parse it once, where a list of placeholders is a new statement per batch size.
+            ids = [r[count] for r in rows]
+            if not varying:
+                conn.exec_driver_sql(f"UPDATE {table} SET {sets} WHERE id = ANY(%s){extra}", (*fixed, ids))
+                return
+            arrays = ", ".join(["%s::bigint[]"] + [f"%s::{self._array_type(conn.dialect, table, names[i])}"
+                                                    for i in varying])
+            columns = ", ".join(["v_id"] + [f"c{k}" for k in range(len(varying))])
+            conn.exec_driver_sql(
+                f"UPDATE {table} SET {sets} FROM unnest({arrays}) AS v({columns}) WHERE {table}.id = v.v_id{extra}",
+                (*fixed, ids, *([r[i] for r in rows] for i in varying)))
+            return
         size = max(1, _MAX_PARAMETERS // (1 + len(varying)))
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
             params = list(fixed)
             if not varying:
-                sql = (f"UPDATE {table} SET {', '.join(sets)} WHERE id IN ({', '.join([self.mark] * len(chunk))})"
-                       f"{extra}")
+                sql = f"UPDATE {table} SET {sets} WHERE id IN ({', '.join(['?'] * len(chunk))}){extra}"
                 params.extend(r[count] for r in chunk)
             else:
-                tuple_marks = "(" + ", ".join([self.mark] * (1 + len(varying))) + ")"
-                sql = (f"UPDATE {table} SET {', '.join(sets)} FROM (VALUES {', '.join([tuple_marks] * len(chunk))})"
-                       f" AS v WHERE {table}.id = v.column1{extra}")
+                tuple_marks = "(" + ", ".join(["?"] * (1 + len(varying))) + ")"
+                sql = (f"UPDATE {table} SET {sets} FROM (SELECT column1 AS v_id"
+                       + "".join(f", column{k + 2} AS c{k}" for k in range(len(varying)))
+                       + f" FROM (VALUES {', '.join([tuple_marks] * len(chunk))})) AS v WHERE {table}.id = v.v_id"
+                       + extra)
                 for r in chunk:
                     params.append(r[count])
                     params.extend([r[i] for i in varying])

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.config import Config, FrequencyCap
 from engine.models import MessageStatus, messages, suppressions
+from engine.queries import among, chunked
 from engine.timeutil import zone
 
 #: statuses that count against a frequency cap: everything that went, or will go, out
@@ -140,12 +141,12 @@ def suppressed_addresses(conn: Connection, pairs: Iterable[tuple[str, str]]) -> 
     for channel, address in pairs:
         by_channel[channel].add(address)
     found: set[tuple[str, str]] = set()
+    dialect = conn.dialect.name
     for channel, addresses in by_channel.items():
-        wanted = sorted(addresses)
-        for start in range(0, len(wanted), 900):
+        for chunk in chunked(sorted(addresses), dialect):
             # (channel, address) is the unique index: one index probe per address.
             rows = conn.execute(select(suppressions.c.address).where(
-                suppressions.c.channel == channel, suppressions.c.address.in_(wanted[start:start + 900])))
+                suppressions.c.channel == channel, among(suppressions.c.address, chunk, dialect)))
             found.update((channel, a) for a in rows.scalars())
     return found
 
