@@ -232,3 +232,33 @@ def test_a_log_row_whose_key_is_already_logged_is_not_appended_again(harness: Ha
         assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 1201
         result = audit.verify(conn)
     assert result.ok and result.rows == 1201
+
+
+def test_an_outbox_shared_by_two_daemons_is_written_one_batch_at_a_time(tmp_path: Path) -> None:
+    """While another process holds the outbox's lock (mid-batch), a batch waits for it instead of writing into
+    the middle of the other's lines; once the lock is released its lines follow, whole."""
+    import fcntl
+    import threading
+
+    from channels.local import OutboxChannel
+
+    path = tmp_path / "outbox" / "email.jsonl"
+    channel = OutboxChannel(path)
+    other = path.open("a", encoding="utf-8")
+    fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+    batch = [OutgoingMessage(id=i, channel="email", recipient=f"m{i}@example.com", text="hello " * 50,
+                             member_id=f"m{i}", journey="j", step="s", subject="hi") for i in range(1, 201)]
+    results: list[object] = []
+    sender = threading.Thread(target=lambda: results.extend(channel.send_batch(batch)))
+    sender.start()
+    sender.join(timeout=0.5)
+    assert sender.is_alive() and path.read_text(encoding="utf-8") == ""  # waiting for the lock
+    other.write('{"id": 0}\n')
+    other.flush()
+    fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+    sender.join(timeout=10)
+    assert not sender.is_alive() and len(results) == 200
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["id"] for line in lines] == list(range(201))
+    other.close()
+    channel.close()
