@@ -144,7 +144,7 @@ def _all_same(values: list[object]) -> bool:
     return values.count(values[0]) == len(values) and len(set(map(type, values))) == 1
 
 
-# Bound parameters per set-based statement: well under SQLite's limit on old builds (999) and PostgreSQL's.
+# Bound parameters per set-based statement on SQLite: under the limit of old builds (999).
 _MAX_PARAMETERS = 900
 
 

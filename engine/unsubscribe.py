@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -11,15 +12,28 @@ from pathlib import Path
 
 
 def load_secret(var_dir: Path, configured: str | None) -> bytes:
-    """The signing key: from config, else generated once into var/secret.key (kept private)."""
+    """The signing key: from config, else generated once into var/secret.key (kept private).
+
+    Daemons starting together on a fresh var/ all end up with the same key: each writes a candidate to a file
+    of its own and links it into place, which only the first can do; the others read the winner's, which is
+    complete by then.
+    """
     if configured:
         return configured.encode()
     path = var_dir / "secret.key"
     if not path.exists():
         var_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
+        candidate = var_dir / f".secret.key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):  # another daemon's key won
+                os.link(candidate, path)
+        finally:
+            candidate.unlink()
     return path.read_text().strip().encode()
 
 

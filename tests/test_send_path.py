@@ -262,3 +262,34 @@ def test_an_outbox_shared_by_two_daemons_is_written_one_batch_at_a_time(tmp_path
     assert [json.loads(line)["id"] for line in lines] == list(range(201))
     other.close()
     channel.close()
+
+
+def test_daemons_starting_together_on_a_fresh_var_dir_share_one_signing_key(tmp_path: Path) -> None:
+    """Unsubscribe links signed by one daemon must verify on another: eight starting at once on an empty var/
+    all load the same key, kept private, with no stray files left behind."""
+    import stat
+    import threading
+
+    from engine.unsubscribe import load_secret
+
+    var = tmp_path / "var"
+    start = threading.Barrier(8)
+    keys: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def daemon() -> None:
+        start.wait()
+        try:
+            keys.append(load_secret(var, None))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=daemon) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(keys) == 8 and len(set(keys)) == 1 and len(keys[0]) == 64
+    assert [p.name for p in var.iterdir()] == ["secret.key"]
+    assert stat.S_IMODE((var / "secret.key").stat().st_mode) == 0o600
