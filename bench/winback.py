@@ -23,6 +23,7 @@ the bench works in a schema of its own, created and dropped around the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -244,12 +245,22 @@ def run_pass(config_path: Path, profile_to: Path | None, analyze: bool, daemons:
     if daemons == 1:
         return _run(_pass_command(config_path, profile_to, analyze, "all"))
     figures = _run(_pass_command(config_path, None, analyze, "entry"))
-    started = time.perf_counter()
-    senders = [subprocess.Popen(_pass_command(config_path, None, False, "send"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(daemons)]
-    outputs = [p.communicate() for p in senders]
-    send_s = time.perf_counter() - started
-    each = [_figures(p.returncode, out, err) for p, (out, err) in zip(senders, outputs, strict=True)]
+    # Each daemon's output goes to files of its own: a pipe read one daemon after another could fill up and
+    # stall a daemon that is still sending.
+    with contextlib.ExitStack() as files:
+        outputs = [tuple(files.enter_context(tempfile.TemporaryFile("w+")) for _ in ("stdout", "stderr"))
+                   for _ in range(daemons)]
+        started = time.perf_counter()
+        senders = [subprocess.Popen(_pass_command(config_path, None, False, "send"), stdout=out, stderr=err,
+                                    text=True) for out, err in outputs]
+        for sender in senders:
+            sender.wait()
+        send_s = time.perf_counter() - started
+        each = []
+        for sender, (out, err) in zip(senders, outputs, strict=True):
+            out.seek(0)
+            err.seek(0)
+            each.append(_figures(sender.returncode, out.read(), err.read()))
     figures.update(send_s=send_s, total_s=figures["total_s"] + send_s, sent=sum(f["sent"] for f in each),
                    rss_before_mb=max(f["rss_before_mb"] for f in each),
                    rss_peak_mb=max(f["rss_peak_mb"] for f in each), sent_by_daemon=[f["sent"] for f in each])

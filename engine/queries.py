@@ -7,6 +7,7 @@ and set the owner and lease expiry in the same statement.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -171,8 +172,10 @@ class BulkWriter:
                                sets=", ".join(f"{n} = {self.mark}" for n in names), m=self.mark)
 
     def _array_type(self, dialect: Dialect, table: str, name: str) -> str:
-        """The PostgreSQL array type of column NAME's values (``VARCHAR(64)[]``)."""
-        return f"{Base.metadata.tables[table].c[name].type.compile(dialect=dialect)}[]"
+        """The PostgreSQL array type of column NAME's values, without its length (``VARCHAR[]``): an explicit
+        cast to VARCHAR(64) would cut a longer value short, where assigning it to the column rejects it."""
+        declared = Base.metadata.tables[table].c[name].type.compile(dialect=dialect)
+        return re.sub(r"\(\d+(?:,\s*\d+)?\)", "", declared) + "[]"
 
     def insert(self, conn: Connection, table: str, names: tuple[str, ...],
                rows: Sequence[Sequence[object]]) -> None:

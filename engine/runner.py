@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -89,6 +90,11 @@ def member_independent(journey: Journey, start: str | None) -> bool:
     return False
 
 
+_relaxed = 0  # run_due calls inside fewer_collections() in this process (threads may overlap)
+_relaxed_lock = threading.Lock()
+_relaxed_restore: list[tuple[int, ...]] = []  # the thresholds to put back when the last one leaves
+
+
 @contextmanager
 def fewer_collections(young: int = 20_000) -> Iterator[None]:
     """While a large send runs: the objects that existed before it are frozen out of the cyclic collector, and
@@ -96,17 +102,26 @@ def fewer_collections(young: int = 20_000) -> Iterator[None]:
 
     A batch allocates many short-lived dicts (rows, contexts) and no cycles to speak of, so the default
     thresholds spent 5-8 % of a send re-examining the same live objects. Cycles made meanwhile are still
-    collected, just less often; on the way out the thresholds are restored and the frozen objects rejoin
-    the oldest generation.
+    collected, just less often. The first send in (of any overlapping in this process) changes the settings,
+    the last one out restores them; nothing changes when the collector is off.
     """
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(young, threshold[0]), *threshold[1:])
+    global _relaxed
+    with _relaxed_lock:
+        first = _relaxed == 0
+        _relaxed += 1
+        threshold = gc.get_threshold()
+        if first and gc.isenabled() and threshold[0] > 0:
+            gc.freeze()
+            gc.set_threshold(max(young, threshold[0]), *threshold[1:])
+            _relaxed_restore.append(threshold)
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        with _relaxed_lock:
+            _relaxed -= 1
+            if _relaxed == 0 and _relaxed_restore:
+                gc.set_threshold(*_relaxed_restore.pop())
+                gc.unfreeze()  # every frozen object: nothing else in the engine freezes any
 
 
 def backoff(attempt: int) -> timedelta:

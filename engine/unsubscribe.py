@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from pathlib import Path
 
 
@@ -16,7 +17,8 @@ def load_secret(var_dir: Path, configured: str | None) -> bytes:
 
     Daemons starting together on a fresh var/ all end up with the same key: each writes a candidate to a file
     of its own and links it into place, which only the first can do; the others read the winner's, which is
-    complete by then.
+    complete by then. (Where the file system has no hard links, the first to create the file wins, and the
+    others wait until its key is written.)
     """
     if configured:
         return configured.encode()
@@ -24,17 +26,40 @@ def load_secret(var_dir: Path, configured: str | None) -> bytes:
     if not path.exists():
         var_dir.mkdir(parents=True, exist_ok=True)
         candidate = var_dir / f".secret.key.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _write_private(candidate, secrets.token_hex(32))
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-                handle.flush()
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):  # another daemon's key won
-                os.link(candidate, path)
+            os.link(candidate, path)
+        except FileExistsError:
+            pass  # another daemon's key won
+        except OSError:  # no hard links here
+            with contextlib.suppress(FileExistsError):
+                _write_private(path, candidate.read_text())
         finally:
             candidate.unlink()
-    return path.read_text().strip().encode()
+        _sync_directory(var_dir)  # the name survives a power cut: links already sent stay valid
+    for _ in range(100):
+        key = path.read_text().strip()
+        if key:
+            return key.encode()
+        time.sleep(0.05)  # created by another daemon a moment ago, not yet written
+    raise RuntimeError(f"{path} is empty: delete it and start again to generate a new key")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create PATH (failing if it exists), readable by its owner only, with TEXT written and synced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _b64(data: bytes) -> str:

@@ -293,3 +293,58 @@ def test_daemons_starting_together_on_a_fresh_var_dir_share_one_signing_key(tmp_
     assert len(keys) == 8 and len(set(keys)) == 1 and len(keys[0]) == 64
     assert [p.name for p in var.iterdir()] == ["secret.key"]
     assert stat.S_IMODE((var / "secret.key").stat().st_mode) == 0o600
+
+
+def test_a_value_too_long_for_its_column_is_never_stored_cut_short(harness: Harness) -> None:
+    """A set-based move with a step id longer than the column allows (64): PostgreSQL rejects it, as it rejects
+    the same row written alone, rather than storing the first 64 characters; SQLite keeps it whole."""
+    from sqlalchemy.exc import DataError
+
+    from engine.queries import BulkWriter
+
+    stamp = datetime(2026, 3, 2, 1, 5)
+    with harness.app.store.begin() as conn:
+        conn.execute(text("INSERT INTO members (id, attributes, created_at, updated_at, email_opt_in, sms_opt_in, "
+                          "points, total_spend, order_count) VALUES ('m', '{}', :t, :t, false, false, 0, 0, 0)"),
+                     {"t": stamp})
+        conn.execute(text("INSERT INTO enrollments (id, journey_id, journey_version, member_id, trigger_key, status, "
+                          "step, entered_at) VALUES (:id, :j, 1, 'm', 'k', 'active', 'first', :t)"),
+                     [{"id": 1, "j": "a", "t": stamp}, {"id": 2, "j": "b", "t": stamp}])
+    long_step = "s" * 75
+    try:
+        with harness.app.store.begin() as conn:
+            BulkWriter(harness.app.store.dialect).update_by_id(
+                conn, "enrollments", ("step", "status"), [(long_step, "active", 1), ("second", "active", 2)])
+    except DataError:
+        assert harness.app.store.dialect == "postgresql"
+        expected = "first"
+    else:
+        assert harness.app.store.dialect == "sqlite"
+        expected = long_step
+    with harness.app.store.connect() as conn:
+        assert conn.execute(text("SELECT step FROM enrollments WHERE id = 1")).scalar_one() == expected
+
+
+def test_the_collector_settings_come_back_after_a_send_however_it_ends() -> None:
+    """fewer_collections() changes process-wide settings: after overlapping sends, and after one that fails,
+    the thresholds are the caller's again and nothing stays frozen; with the collector off it changes nothing."""
+    import gc
+
+    from engine.runner import fewer_collections
+
+    before = gc.get_threshold()
+    with fewer_collections():
+        assert gc.get_threshold()[0] == 20_000 and gc.get_freeze_count() > 0
+        with fewer_collections():
+            pass
+        assert gc.get_threshold()[0] == 20_000  # the inner send leaving does not restore early
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), fewer_collections():
+        raise RuntimeError("the channel broke")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        with fewer_collections():
+            assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
