@@ -179,8 +179,20 @@ class BulkWriter:
 
     def insert(self, conn: Connection, table: str, names: tuple[str, ...],
                rows: Sequence[Sequence[object]]) -> None:
-        if rows:
+        """ROWS in the database's form. On PostgreSQL through COPY, in the caller's transaction: constraints
+        hold as for INSERT (a duplicate at-most-once key fails the whole batch, as an executemany would)."""
+        if not rows:
+            return
+        if self.sqlite:
             conn.exec_driver_sql(self._sql(f"INSERT INTO {table} ({{columns}}) VALUES ({{marks}})", names), rows)
+            return
+        cursor: Any = conn.connection.cursor()
+        try:
+            with cursor.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        finally:
+            cursor.close()
 
     def update_by_id(self, conn: Connection, table: str, names: tuple[str, ...],
                      rows: list[tuple[object, ...]], only_if: str = "") -> None:

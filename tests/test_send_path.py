@@ -348,3 +348,33 @@ def test_the_collector_settings_come_back_after_a_send_however_it_ends() -> None
             assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+def test_log_rows_with_awkward_text_are_stored_exactly(harness: Harness) -> None:
+    """Message text with tabs, newlines, backslashes, quotes, \\N, emoji and Chinese is stored exactly as
+    rendered (on PostgreSQL the rows go in through COPY) and the hash chain over it verifies."""
+    rng = random.Random(11)
+    awkward = [c for c in _CHARS if c != "\x00"] + ["\\N", "\t\\", "\\."]  # PostgreSQL text cannot hold NUL
+    now = datetime(2026, 3, 2, 1, 5, 0, 123456, tzinfo=UTC)
+
+    def text_(n: int) -> str:
+        return "".join(rng.choice(awkward) for _ in range(n))
+
+    rows = [{"enrollment_id": i, "member_id": f"m{i}", "journey": "j", "journey_version": 1, "step": "s",
+             "channel": "email", "template": "t", "locale": "zh-CN", "variant": None,
+             "recipient": f"m{i}@example.com", "subject": text_(12), "body": text_(80), "html": text_(40),
+             "status": "sending", "reason": None, "error": None, "provider_id": None, "attempts": 0,
+             "next_attempt_at": None, "created_at": now, "sent_at": None, "updated_at": now, "claimed_by": "w",
+             "claimed_until": now, "redacted": False, "segments": 2, "encoding": "UCS-2", "category": "marketing"}
+            for i in range(1, 301)]
+    expected = {r["enrollment_id"]: (r["subject"], r["body"], r["html"]) for r in rows}
+    with harness.app.store.begin() as conn:
+        assert len(audit.append(conn, harness.app.store.dialect, rows)) == 300
+    with harness.app.store.connect() as conn:
+        stored = {int(e): (s, b, h) for e, s, b, h in conn.execute(text(
+            "SELECT enrollment_id, subject, body, html FROM messages"))}
+        created = conn.execute(text("SELECT created_at FROM messages WHERE enrollment_id = 1")).scalar_one()
+        result = audit.verify(conn)
+    assert stored == expected
+    assert str(created).startswith("2026-03-02 01:05:00.123456")
+    assert result.ok and result.rows == 300
