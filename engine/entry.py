@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, exists, false, func, literal, or_, select, true, update
+from sqlalchemy import Connection, bindparam, exists, false, func, literal, or_, select, text, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DATE_CATCH_UP = timedelta(days=3)  # after downtime, date triggers fire up to this late, never later
 ACTIVE = EnrollmentStatus.ACTIVE.value
+# New enrollments in one entry phase after which PostgreSQL's statistics for the table are refreshed at once.
+ANALYZE_AFTER = 10_000
 
 
 @dataclass
@@ -233,6 +235,7 @@ class EntryPhase:
     # ------------------------------------------------------------------ segment and date triggers
 
     def enter(self, now: datetime, live: dict[str, LiveJourney], report: TickReport) -> None:
+        enrolled = 0
         for journey in live.values():
             trigger = journey.journey.trigger
             if not journey.journey.runs or isinstance(trigger, EventTrigger):
@@ -246,12 +249,21 @@ class EntryPhase:
                 room = self._quotas(conn, [journey], now).get(journey.id)
                 if room is not None and room <= 0:
                     continue
+                count = 0
                 if isinstance(trigger, SegmentTrigger):
-                    report.add("enrolled", self._enter_segment(conn, journey, trigger, now, room))
+                    count = self._enter_segment(conn, journey, trigger, now, room)
                 elif isinstance(trigger, DateTrigger):
-                    report.add("enrolled", self._enter_date(conn, journey, trigger, state.date_cursor, now, room))
+                    count = self._enter_date(conn, journey, trigger, state.date_cursor, now, room)
                     conn.execute(update(journey_state).where(journey_state.c.journey_id == journey.id)
                                  .values(date_cursor=now))
+                report.add("enrolled", count)
+                enrolled += count
+        if enrolled >= ANALYZE_AFTER and self.app.store.dialect == "postgresql":
+            # The planner's row counts for enrollments predate this entry until autovacuum catches up. Believing
+            # a journey had a handful of active enrollments, it claimed each batch by reading and sorting all of
+            # them (a million rows per claim after a million-member entry): refresh them now.
+            with self.app.store.begin() as conn:
+                conn.execute(text("ANALYZE enrollments"))
 
     def _not_blocked(self, journey: LiveJourney, now: datetime) -> ColumnElement[bool]:
         rule = journey.journey.entry.reentry
@@ -284,6 +296,10 @@ class EntryPhase:
         columns = ["journey_id", "journey_version", "member_id", "trigger_key", "status", "step", "next_run_at",
                    "entered_at"]
         stmt = _insert(self.app.store.dialect)(enrollments).from_select(columns, select_new).on_conflict_do_nothing()
+        if self.app.store.dialect == "postgresql":
+            # psycopg reports -1 rows for this INSERT … SELECT (the tick said "enrolled=0"): count on the server.
+            inserted = stmt.returning(enrollments.c.id).cte("inserted")
+            return int(conn.execute(select(func.count()).select_from(inserted)).scalar_one())
         return max(0, int(conn.execute(stmt).rowcount or 0))
 
     def _enter_date(self, conn: Connection, journey: LiveJourney, trigger: DateTrigger, cursor: datetime | None,

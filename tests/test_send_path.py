@@ -378,3 +378,38 @@ def test_log_rows_with_awkward_text_are_stored_exactly(harness: Harness) -> None
     assert stored == expected
     assert str(created).startswith("2026-03-02 01:05:00.123456")
     assert result.ok and result.rows == 300
+
+
+def test_a_large_entry_on_postgresql_refreshes_the_planners_view_of_enrollments(tmp_path: Path,
+                                                                                pg_url: str) -> None:
+    """After 10,000 lapsed members enter the win-back journey in one tick, PostgreSQL's statistics count them
+    (without it the planner believed the journey had a handful of active enrollments and read and sorted all of
+    them for every batch claimed: 1,000 messages/s instead of 3,800 at a million members)."""
+    from engine.models import members
+    from engine.report import TickReport
+
+    harness = Harness(tmp_path, pg_url)
+    try:
+        now = datetime(2026, 6, 15, 4, 0, tzinfo=UTC)
+        lapsed = now.replace(year=2025)
+        with harness.app.store.begin() as conn:
+            conn.execute(members.insert(), [
+                {"id": f"L{i:05d}", "email": f"l{i}@example.com", "email_opt_in": True, "sms_opt_in": False,
+                 "last_order_at": lapsed, "total_spend": 100.0, "order_count": 1, "points": 0, "attributes": {},
+                 "created_at": lapsed, "updated_at": lapsed} for i in range(10_000)])
+
+        def counted() -> float:
+            with harness.app.store.connect() as conn:
+                return float(conn.execute(text(
+                    "SELECT reltuples FROM pg_class WHERE oid = 'enrollments'::regclass")).scalar_one())
+
+        assert counted() < 10_000  # never analyzed (-1) or analyzed while nearly empty
+        report = TickReport(now)
+        harness.app.entry.enter(now, harness.app.live_journeys(now), report)
+        with harness.app.store.connect() as conn:
+            stored = conn.execute(text("SELECT count(*) FROM enrollments WHERE journey_id = 'winback'")).scalar_one()
+        assert stored == 10_000
+        assert report.counts["enrolled"] == 10_000  # the tick's summary counts them (it said 0 on PostgreSQL)
+        assert counted() >= 10_000
+    finally:
+        harness.close()
