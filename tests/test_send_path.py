@@ -384,7 +384,7 @@ def test_a_large_entry_on_postgresql_refreshes_the_planners_view_of_enrollments(
                                                                                 pg_url: str) -> None:
     """After 10,000 lapsed members enter the win-back journey in one tick, PostgreSQL's statistics count them
     (without it the planner believed the journey had a handful of active enrollments and read and sorted all of
-    them for every batch claimed: 1,000 messages/s instead of 3,800 at a million members)."""
+    them for every batch claimed: at a million members, 755 messages/s on average instead of 1,610)."""
     from engine.models import members
     from engine.report import TickReport
 
