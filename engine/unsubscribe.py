@@ -11,6 +11,8 @@ import secrets
 import time
 from pathlib import Path
 
+from engine.exceptions import ConfigError
+
 
 def load_secret(var_dir: Path, configured: str | None) -> bytes:
     """The signing key: from config, else generated once into var/secret.key (kept private).
@@ -42,7 +44,8 @@ def load_secret(var_dir: Path, configured: str | None) -> bytes:
         if key:
             return key.encode()
         time.sleep(0.05)  # created by another daemon a moment ago, not yet written
-    raise RuntimeError(f"{path} is empty: delete it and start again to generate a new key")
+    raise ConfigError(f"{path} is empty (a crash while it was being created?): delete it and start again to "
+                      "generate a new key, or set ENGINE_UNSUBSCRIBE_SECRET")
 
 
 def _write_private(path: Path, text: str) -> None:

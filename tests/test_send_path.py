@@ -413,3 +413,17 @@ def test_a_large_entry_on_postgresql_refreshes_the_planners_view_of_enrollments(
         assert counted() >= 10_000
     finally:
         harness.close()
+
+
+def test_an_empty_signing_key_file_is_reported_not_used(tmp_path: Path) -> None:
+    """A key file left empty by a crash mid-creation: unsubscribe links are never signed with an empty key; the
+    error names the file and the fix."""
+    from engine.exceptions import ConfigError
+    from engine.unsubscribe import load_secret
+
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / "secret.key").write_text("")
+    with pytest.raises(ConfigError, match=r"secret\.key is empty .*delete it"):
+        load_secret(var, None)
+    assert load_secret(var, "configured-secret") == b"configured-secret"
