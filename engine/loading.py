@@ -17,6 +17,7 @@ from sqlalchemy import JSON, Column, Connection, Dialect, Select, select
 from sqlalchemy.sql.elements import Label
 
 from engine.models import UTCDateTime, enrollments, events, members
+from engine.queries import chunked
 
 _ENROLLMENT_COLUMNS: tuple[tuple[str, Column[Any]], ...] = (
     ("enrollment_id", enrollments.c.id), ("journey_id", enrollments.c.journey_id),
@@ -32,7 +33,6 @@ _FROM = (
 )
 _SQLITE_SQL = _FROM + " WHERE enrollments.id IN ({marks}) ORDER BY enrollments.id"
 _POSTGRESQL_SQL = _FROM + " WHERE enrollments.id = ANY(%s) ORDER BY enrollments.id"
-_SQLITE_CHUNK = 900  # bound parameters per statement stay well under SQLite's limit on old builds
 
 Converter = Callable[[Any], Any]
 
@@ -57,9 +57,8 @@ def load_batch(conn: Connection, ids: Sequence[int], extra: Sequence[Label[Any]]
     fetched: list[Any] = []
     try:
         if conn.dialect.name == "sqlite":
-            for start in range(0, len(ordered), _SQLITE_CHUNK):
-                chunk = tuple(ordered[start:start + _SQLITE_CHUNK])
-                cursor.execute(_SQLITE_SQL.format(marks=", ".join("?" * len(chunk))), chunk)
+            for chunk in chunked(ordered, "sqlite"):
+                cursor.execute(_SQLITE_SQL.format(marks=", ".join("?" * len(chunk))), tuple(chunk))
                 fetched += cursor.fetchall()
         else:  # one array parameter: the same statement text for every batch
             cursor.execute(_POSTGRESQL_SQL, (ordered,))
