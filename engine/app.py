@@ -81,6 +81,11 @@ class App:
                 log.error("%s", problem)
         return self._rules
 
+    @property
+    def rules_stamp(self) -> tuple[tuple[str, float], ...]:
+        """The modification times of the rules and templates the loaded rulebook was read from."""
+        return self._rules_stamp
+
     def require_valid_rules(self) -> Rulebook:
         book = self.rules()
         if book.problems:
@@ -126,6 +131,7 @@ class App:
         return report
 
     def close(self) -> None:
+        self.runner.close()
         self.entry.matchers.close()
         for channel in self._channels.values():
             channel.close()

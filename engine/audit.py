@@ -99,7 +99,8 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
         existing.add(key)
         seq += 1
         row["id"] = seq
-        row["content_hash"] = content_hash(row)
+        if "content_hash" not in row:  # composed rows come with theirs
+            row["content_hash"] = content_hash(row)
         row["prev_hash"] = prev
         row["hash"] = prev = chain_hash(prev, row, stamps)
         inserted.append(row)

@@ -37,6 +37,9 @@ class SchedulerConfig(_Strict):
     interval: int = Field(60, gt=0, description="seconds between ticks")
     batch_size: int = Field(1000, gt=0, le=10_000)
     lease_seconds: int = Field(300, gt=0)
+    # A second process composes (loads and renders) the next batch while this one writes and delivers:
+    # auto = when the machine has two or more cores and a send fills a batch.
+    compose_worker: Literal["auto", "on", "off"] = "auto"
     # Events older than this when a tick first sees them (an import of history) never start a journey;
     # they still count for exits and goals.
     trigger_window: str = "2d"

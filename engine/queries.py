@@ -128,6 +128,15 @@ def prune_webhook_receipts(conn: Connection, older_than: datetime) -> int:
     return int(result.rowcount or 0)
 
 
+def release_enrollments(conn: Connection, ids: Sequence[int], worker: str) -> None:
+    """Give back these claimed enrollments (if still ours) without running them."""
+    dialect = conn.dialect.name
+    for chunk in chunked(sorted(ids), dialect):
+        conn.execute(update(enrollments).where(among(enrollments.c.id, chunk, dialect),
+                                               enrollments.c.claimed_by == worker)
+                     .values(claimed_by=None, claimed_until=None))
+
+
 def release_enrollment_claims(conn: Connection, worker: str) -> None:
     conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
                  .values(claimed_by=None, claimed_until=None))

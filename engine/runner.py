@@ -1,7 +1,8 @@
 """Running enrollments whose next step is due, and delivering their messages.
 
 Per batch: claim due enrollments (lease), walk each one's steps until it waits
-or ends, then in ONE transaction append the message rows (the at-most-once key
+or ends (``engine.composer``; for a large send a second process composes the
+next batch meanwhile, ``engine.pipeline``), then in ONE transaction append the message rows (the at-most-once key
 is written here, before any channel is called) and move the enrollments on.
 Only after that commit are the channels called; their answers are recorded in
 a second transaction. A crash in between leaves rows ``sending``, which the
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -23,18 +27,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import Connection, select
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
-from engine import audit, queries, sms
+from engine import audit, queries
 from engine import unsubscribe as unsub
-from engine.computed import computed_columns
-from engine.context import ContextBuilder
-from engine.exceptions import TemplateRenderError
-from engine.journey import EndStep, Journey, SendStep, SplitStep, UpdateStep, WaitStep
-from engine.loading import load_batch
+from engine.composer import RENDERED_KEYS, UNSUBSCRIBE_URL, Composed, Composer, Move
 from engine.member_updates import save_member_updates
 from engine.models import EnrollmentStatus, MessageStatus, members, messages
+from engine.pipeline import ComposeWorker
 from engine.report import TickReport
 from engine.safety import Rails, Reason, Verdict, add_suppressions
-from engine.steps import MAX_STEPS_PER_RUN, Transition, advance, apply_update
 from engine.versions import LiveJourney, VersionCache, computed_needed
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ def _chunk_size(channel: Channel, lease: timedelta) -> int:
     if not rate:
         return 10_000
     return max(1, int(rate * lease.total_seconds() / 2))
-_UNREACHABLE = (Reason.CONSENT, Reason.INVALID_ADDRESS, Reason.SUPPRESSED_ADDRESS)
 _TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "variant", "waiting_for",
                        "claimed_by", "claimed_until")
 _RESULT_COLUMNS = ("status", "provider_id", "error", "attempts", "sent_at", "next_attempt_at", "reason", "claimed_by",
@@ -70,24 +69,6 @@ class ResultUpdate(NamedTuple):
     sent_at: datetime | None
     next_attempt_at: datetime | None
     reason: str | None
-
-
-def member_independent(journey: Journey, start: str | None) -> bool:
-    """Whether walking from START ends the same way for every member: only sends, updates, waits of a fixed
-    length or until an event, and ends on the way (no ``if``, ``split`` or local-time wait)."""
-    current = start
-    for _ in range(MAX_STEPS_PER_RUN):
-        if current is None or not journey.has_step(current):
-            return True
-        step = journey.step(current)
-        if isinstance(step, WaitStep):
-            return bool(step.until_event) or step.duration is not None
-        if isinstance(step, EndStep):
-            return True
-        if not isinstance(step, SendStep | UpdateStep):
-            return False
-        current = journey.following(step.id)
-    return False
 
 
 _relaxed = 0  # run_due calls inside fewer_collections() in this process (threads may overlap)
@@ -135,12 +116,22 @@ class Runner:
         self.app = app
         self.worker = worker
         self.cache: VersionCache = app.versions
-        self._links: dict[tuple[str, str], str] = {}
+        self._composer: Composer | None = None
+        self._compose_worker: ComposeWorker | None = None
+        self._compose_worker_failed = False
+        self.worker_batches = 0  # batches the compose worker composed for this runner
+        self.worker_deferred = 0  # enrollments it left for a later batch (their member's batch was unwritten)
         self._new_suppressions: list[tuple[str, str, str]] = []
+        # (channel, address) listed from channel answers since the last batch was written: a batch composed
+        # beside that delivery could not see them yet
+        self._listed: set[tuple[str, str]] = set()
         self._live: dict[str, LiveJourney] = {}
-        # Walks that end the same way for every member, by (journey, version, start step, variant) and clock.
-        self._walks: dict[tuple[str, int, str | None, str | None], Transition] = {}
-        self._walks_at: datetime | None = None
+
+    @property
+    def composer(self) -> Composer:
+        if self._composer is None:  # made on first use: the signing key is read (or created) then
+            self._composer = Composer(self.app.config, self.app.templates, self.app.secret, self.worker)
+        return self._composer
 
     # ------------------------------------------------------------------ enrollments
 
@@ -150,86 +141,130 @@ class Runner:
         self._live = live
         config = self.app.config
         lease = now + timedelta(seconds=config.scheduler.lease_seconds)
+        computed = sorted(computed_needed(live.values()))  # loaded with each member, shown to templates
+
+        def claim() -> list[int]:
+            with self.app.store.begin() as conn:
+                return queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
+                                                     running)
+
         with self.app.store.checkpointing(), fewer_collections():
-            while not stop():
-                with self.app.store.begin() as conn:
-                    ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
-                                                        running)
-                if not ids:
-                    return
-                self._run_batch(ids, now, report, stop)
+            ids = [] if stop() else claim()
+            if ids and len(ids) >= config.scheduler.batch_size:  # more to come: worth a second process
+                worker = self._worker()
+                if worker is not None:
+                    ids = self._run_pipelined(worker, ids, claim, now, computed, report, stop)
+            while ids:
+                self._run_batch(ids, now, computed, report, stop)
+                ids = [] if stop() else claim()
 
-    def _load(self, conn: Connection, ids: list[int], now: datetime, computed: list[str]) -> list[dict[str, Any]]:
-        return load_batch(conn, ids, computed_columns(computed, now, self.app.store.dialect))
+    def _worker(self) -> ComposeWorker | None:
+        """The compose worker, started on first use; None where it is off, or has failed in this process."""
+        setting = self.app.config.scheduler.compose_worker
+        if setting == "off" or self._compose_worker_failed:
+            return None
+        if setting == "auto" and (os.cpu_count() or 1) < 2:
+            return None
+        if self._compose_worker is None:
+            self._compose_worker = ComposeWorker(self.app.config, self.app.secret, self.worker)
+        return self._compose_worker
 
-    def _advance(self, live: LiveJourney, row: dict[str, Any], now: datetime,
-                 event: Mapping[str, Any]) -> Transition:
-        """advance(), computed once per batch clock for walks that end the same way for every member."""
-        waiting_for, variant, start = row.get("waiting_for"), row.get("variant"), row["step"]
-        key = (live.id, live.version, start, variant)
-        if waiting_for is None:
-            if self._walks_at != now:
-                self._walks.clear()
-                self._walks_at = now
-            known = self._walks.get(key)
-            if known is not None:
-                return Transition(row["enrollment_id"], known.step, known.status, known.next_run_at,
-                                  known.ended_at, known.exit_reason, known.sends, known.holdouts, known.updates,
-                                  known.variant, known.waiting_for)
-        transition = advance(live, start, row, now, row["enrollment_id"], self.app.config.default_timezone, event,
-                             waiting_for=waiting_for, variant=variant)
-        if waiting_for is None and member_independent(live.journey, start):
-            self._walks[key] = transition
-        return transition
+    @property
+    def compose_worker(self) -> ComposeWorker | None:
+        return self._compose_worker
 
-    def _run_batch(self, ids: list[int], now: datetime, report: TickReport, stop: Callable[[], bool]) -> None:
+    def close(self) -> None:
+        if self._compose_worker is not None:
+            self._compose_worker.close()
+            self._compose_worker = None
+
+    def _run_batch(self, ids: list[int], now: datetime, computed: list[str], report: TickReport,
+                   stop: Callable[[], bool]) -> None:
+        """One batch in this process: load and compose it, then write and deliver it."""
+        with self.app.store.connect() as conn:
+            composed = self.composer.load_and_compose(conn, self.cache, ids, now, self.app.rules().loyalty, computed)
+        self._write_and_deliver(composed, now, report, stop)
+
+    def _run_pipelined(self, worker: ComposeWorker, ids: list[int], claim: Callable[[], list[int]],
+                       now: datetime, computed: list[str], report: TickReport,
+                       stop: Callable[[], bool]) -> list[int]:
+        """Batches composed by the worker while this process writes and delivers the batch before.
+
+        Returns claimed ids still to run here, one batch at a time: empty unless the worker failed.
+        """
+        book = self.app.rules()
+        worker.begin(self._live, book.loyalty, computed, self.app.rules_stamp)
+        written = worker.last_number
+        carry: list[int] = []  # claimed, deferred by the worker: their member was in a batch not yet written
+        in_flight: tuple[int, Future[Composed], list[int]] | None = None
+        while True:
+            batch = carry + ids
+            carry = []
+            submitted = None
+            if batch:
+                try:
+                    number, future = worker.submit(batch, now, written)
+                except BrokenProcessPool as exc:
+                    return self._worker_failed(exc, [*(in_flight[2] if in_flight else []), *batch])
+                submitted = (number, future, batch)
+            if in_flight is not None:
+                number, future, claimed = in_flight
+                try:
+                    composed = future.result()
+                except BrokenProcessPool as exc:
+                    return self._worker_failed(exc, [*claimed, *(submitted[2] if submitted else [])])
+                except BaseException:
+                    self._release([*claimed, *(submitted[2] if submitted else [])])
+                    raise
+                self.worker_batches += 1
+                self._write_and_deliver(composed, now, report, stop, recheck=True)
+                written = number
+                carry = composed.deferred
+                self.worker_deferred += len(carry)
+            in_flight = submitted
+            if stop():
+                if in_flight is not None:
+                    in_flight[1].cancel()
+                self._release([*carry, *(in_flight[2] if in_flight else [])])
+                return []
+            if in_flight is None and not carry:
+                return []
+            ids = claim()
+
+    def _worker_failed(self, exc: BaseException, claimed: list[int]) -> list[int]:
+        """The worker died: CLAIMED (in the order they were claimed) are composed here instead."""
+        log.warning("the compose worker stopped (%s); composing in this process from now on", exc)
+        self._compose_worker_failed = True
+        if self._compose_worker is not None:
+            self._compose_worker.close(wait=False)
+            self._compose_worker = None
+        return claimed
+
+    def _release(self, ids: list[int]) -> None:
+        """Give back claimed enrollments that were not run: another pass (or daemon) takes them up."""
+        if ids:
+            with self.app.store.begin() as conn:
+                queries.release_enrollments(conn, ids, self.worker)
+
+    def _write_and_deliver(self, composed: Composed, now: datetime, report: TickReport, stop: Callable[[], bool],
+                           recheck: bool = False) -> None:
+        """Write a composed batch in ONE transaction (message rows with their at-most-once keys, enrollment
+        moves, member updates), then hand its messages to the channels."""
         app = self.app
-        rails = Rails(app.config)
-        computed = sorted(computed_needed(self._live.values()))  # loaded with each member, shown to templates
-        with app.store.connect() as conn:
-            rows = self._load(conn, ids, now, computed)
-            rails.prepare(conn, rows, now)
-            journeys = {}
-            for row in rows:
-                key = (row["journey_id"], row["journey_version"])
-                if key not in journeys:
-                    journeys[key] = self.cache.get(conn, *key)
-        transitions: list[Transition] = []
-        outgoing: list[dict[str, Any]] = []
-        changed: list[tuple[dict[str, Any], dict[str, Any], LiveJourney, list[str]]] = []
-        contexts = ContextBuilder(app.rules().loyalty, app.config.default_locale, app.config.default_timezone,
-                                  computed)
-        lease_until = now + timedelta(seconds=app.config.scheduler.lease_seconds)
-        for row in rows:
-            live = journeys[(row["journey_id"], row["journey_version"])]
-            if live is None:
-                transitions.append(Transition(row["enrollment_id"], None, EnrollmentStatus.EXITED.value, None, now,
-                                              "journey version missing"))
-                continue
-            event = row.get("event_properties") or {}
-            transition = self._advance(live, row, now, event)
-            transitions.append(transition)
-            if transition.updates:
-                person = dict(row, variant=transition.variant)
-                for update_step in transition.updates:
-                    apply_update(person, update_step)
-                changed.append((row, person, live, [u.id for u in transition.updates]))
-            else:  # the loaded row is ours alone: no copy needed when nothing changes it
-                row["variant"] = transition.variant
-                person = row
-            for step in transition.sends:
-                outgoing.append(self._message_row(live, person, step, now, rails, contexts, event, lease_until))
-            for split in transition.holdouts:
-                outgoing.append(self._holdout_row(live, person, split, now))
+        outgoing = composed.outgoing
+        if recheck:
+            self._recheck_listed(outgoing)
+        self._listed = set()
         with app.store.begin() as conn:
             inserted = audit.append(conn, app.store.dialect, outgoing)
-            self._save_transitions(conn, transitions)
-            if changed:
-                save_member_updates(conn, changed, app.rules().loyalty, now)
-        for t in transitions:
-            if t.status == EnrollmentStatus.COMPLETED.value:
+            self._save_transitions(conn, composed.moves)
+            if composed.changed:
+                save_member_updates(conn, composed.changed, app.rules().loyalty, now)
+        completed, exited = EnrollmentStatus.COMPLETED.value, EnrollmentStatus.EXITED.value
+        for move in composed.moves:
+            if move[2] == completed:
                 report.add("completed")
-            elif t.status == EnrollmentStatus.EXITED.value:
+            elif move[2] == exited:
                 report.add("exited")
         sending = MessageStatus.SENDING.value
         for row in inserted:
@@ -237,94 +272,27 @@ class Runner:
                 report.add(row["status"])
         self._deliver([r for r in inserted if r["status"] == sending], now, report, stop)
 
-    def _holdout_row(self, live: LiveJourney, member: Mapping[str, Any], split: SplitStep,
-                     now: datetime) -> dict[str, Any]:
-        """The control group gets nothing, but its members are logged so that lift can be measured."""
-        row = self._base_row(live, member, split.id, "none", None, now)
-        row.update(status=MessageStatus.SUPPRESSED.value, reason=Reason.HOLDOUT,
-                   error=f"holdout: {split.holdout}% control group of split {split.id}")
-        return row
+    def _recheck_listed(self, rows: list[dict[str, Any]]) -> None:
+        """Suppress messages to addresses that channel answers put on the suppression list while this batch was
+        being composed, as the rails would have had they seen the list then."""
+        if not self._listed:
+            return
+        going = (MessageStatus.SENDING.value, MessageStatus.QUEUED.value)
+        for row in rows:
+            channel = row["channel"]
+            if row["status"] in going and (channel, row["recipient"]) in self._listed:
+                for key in RENDERED_KEYS:
+                    row[key] = None
+                row.update(status=MessageStatus.SUPPRESSED.value, reason=Reason.SUPPRESSED_ADDRESS,
+                           error=f"{channel} address is on the suppression list", next_attempt_at=None)
+                row["content_hash"] = audit.content_hash(row)
 
-    def _base_row(self, live: LiveJourney, member: Mapping[str, Any], step_id: str, channel: str,
-                  template: str | None, now: datetime) -> dict[str, Any]:
-        return {
-            "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
-            "journey_version": live.version, "step": step_id, "channel": channel, "template": template,
-            "locale": None, "variant": member.get("variant"), "recipient": None, "subject": None, "body": None,
-            "html": None, "status": MessageStatus.SUPPRESSED.value, "reason": None, "error": None,
-            "provider_id": None, "attempts": 0, "next_attempt_at": None, "created_at": now,
-            "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
-            "segments": None, "encoding": None, "category": live.journey.category,
-        }
-
-    def _message_row(self, live: LiveJourney, member: Mapping[str, Any], step: SendStep, now: datetime,
-                     rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any],
-                     lease_until: datetime) -> dict[str, Any]:
-        category = live.journey.category
-        channel = step.channel
-        verdict, address = rails.check(member, channel, now, category)
-        note = None
-        if step.fallback and verdict.reason in _UNREACHABLE:
-            second, second_address = rails.check(member, step.fallback, now, category)
-            if second.status is not MessageStatus.SUPPRESSED:
-                note = f"{channel} unreachable ({verdict.error}); sent by {step.fallback} instead"
-                channel, verdict, address = step.fallback, second, second_address
-        row: dict[str, Any] = {
-            "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
-            "journey_version": live.version, "step": step.id, "channel": channel, "template": step.template,
-            "locale": None, "variant": member.get("variant"), "recipient": address, "subject": None, "body": None,
-            "html": None, "status": verdict.status.value, "reason": verdict.reason or ("fallback" if note else None),
-            "error": verdict.error or note,
-            "provider_id": None, "attempts": 0, "next_attempt_at": verdict.not_before, "created_at": now,
-            "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
-            "segments": None, "encoding": None, "category": category,
-        }
-        if verdict.status is MessageStatus.SUPPRESSED:
-            return row
-        link = self._unsubscribe_link(member["id"], channel)
-        context = contexts.build(member, now, {"id": live.id, "name": live.journey.name, "version": live.version},
-                                 event, link)
-        try:
-            rendered = self.app.templates.render(step.template, channel, member.get("locale"), context)
-        except TemplateRenderError as exc:
-            row.update(status=MessageStatus.FAILED.value, reason=Reason.TEMPLATE_ERROR, error=str(exc),
-                       next_attempt_at=None)
-            log.warning("journey %s step %s: %s", live.id, step.id, exc)
-            return row
-        row["locale"], row["subject"], row["body"], row["html"] = (rendered.locale, rendered.subject, rendered.text,
-                                                                   rendered.html)
-        if channel == "sms" and category == "marketing":
-            row["body"] = self._with_opt_out_hint(rendered.text, rendered.locale)
-        if channel == "sms":
-            row["segments"], row["encoding"] = sms.segments(row["body"])
-        if verdict.status is MessageStatus.SENDING:
-            row["claimed_by"] = self.worker
-            row["claimed_until"] = lease_until
-        return row
-
-    def _with_opt_out_hint(self, text: str, locale: str) -> str:
-        """Marketing SMS must tell people how to opt out: append the programme's hint unless the text has one."""
-        if sms.has_opt_out_hint(text):
-            return text
-        hints = self.app.config.channels.sms.opt_out_hint
-        hint = hints.get(locale) or hints.get(locale.split("-")[0]) or next(iter(hints.values()), "")
-        return f"{text} {hint}".strip() if hint else text
-
-    def _unsubscribe_link(self, member_id: str, channel: str) -> str:
-        key = (member_id, channel)
-        link = self._links.get(key)
-        if link is None:
-            if len(self._links) > 50_000:
-                self._links.clear()
-            token = unsub.make_token(self.app.secret, member_id, channel)
-            link = self._links[key] = unsub.url(self.app.config.web.public_url, token)
-        return link
-
-    def _save_transitions(self, conn: Connection, transitions: Sequence[Transition]) -> None:
+    def _save_transitions(self, conn: Connection, moves: Sequence[Move]) -> None:
         w = queries.BulkWriter(self.app.store.dialect)
         w.update_by_id(conn, "enrollments", _TRANSITION_COLUMNS, [
-            (t.step, t.status, w.ts(t.next_run_at), w.ts(t.ended_at), t.exit_reason, t.variant, t.waiting_for,
-             None, None, t.enrollment_id) for t in transitions])
+            (step, status, w.ts(next_run_at), w.ts(ended_at), exit_reason, variant, waiting_for, None, None,
+             enrollment_id)
+            for enrollment_id, step, status, next_run_at, ended_at, exit_reason, variant, waiting_for in moves])
 
     # ------------------------------------------------------------------ delivery
 
@@ -372,7 +340,8 @@ class Runner:
     def _outgoing(self, row: Mapping[str, Any]) -> OutgoingMessage:
         headers: dict[str, str] = {}
         if row["channel"] == "email":
-            headers = unsub.headers(self._unsubscribe_link(row["member_id"], "email"))
+            link = row.get(UNSUBSCRIBE_URL) or self.composer.unsubscribe_link(row["member_id"], "email")
+            headers = unsub.headers(link)
         return OutgoingMessage(id=row["id"], channel=row["channel"], recipient=row["recipient"], text=row["body"],
                                member_id=row["member_id"], journey=row["journey"], step=row["step"],
                                subject=row.get("subject"), html=row.get("html"), headers=headers)
@@ -422,6 +391,7 @@ class Runner:
     def _save_results(self, conn: Connection, updates: Sequence[ResultUpdate], now: datetime) -> None:
         if self._new_suppressions:
             add_suppressions(conn, self.app.store.dialect, self._new_suppressions, "provider", now)
+            self._listed.update((channel, address) for channel, address, _ in self._new_suppressions)
             self._new_suppressions = []
         w = queries.BulkWriter(self.app.store.dialect)
         stamp = w.ts(now)

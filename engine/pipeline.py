@@ -1,0 +1,146 @@
+"""A compose worker: a second process that loads and composes batch N+1 while the runner writes batch N.
+
+A large send is two kinds of work: loading a batch and rendering its messages (CPU in Python), and writing
+the log rows, calling the channels and recording their answers (mostly the database). One process does them
+one after the other; here a worker process does the first kind for the next batch while the runner does the
+second for the batch before, so a machine with two cores does both at once.
+
+What stays the same:
+
+* The runner alone writes: it claims the batches, appends the message rows (the at-most-once key is still
+  committed before any channel is called), moves the enrollments, calls the channels and records answers.
+  The worker only reads the database and computes; it holds no lease and sends nothing.
+* A batch is composed against what the database says once every earlier batch is written, as it would be
+  one batch at a time: the worker leaves out (defers) enrollments whose member is in a batch the runner has
+  not written yet, so frequency caps and member updates see that batch's rows; the runner puts the deferred
+  enrollments (still claimed) into a later batch. Suppressions that the batch before added from its channel
+  answers are applied by the runner before it writes (``Runner._recheck_suppressions``).
+
+The worker is started with ``spawn`` (no threads or connections are inherited), once per App, on the first
+send large enough to use it, and lives until the App closes. If it dies, the runner composes in its own
+process again and says so in the log; nothing claimed is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+from engine.composer import Composed, Composer
+from engine.config import Config
+from engine.loyalty import Loyalty
+from engine.store import Store
+from engine.templates import Templates
+from engine.versions import LiveJourney, VersionCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a run of due enrollments shares: journeys in play, the programme, the computed attributes and the
+    rules' file stamp (templates are re-read when it changes)."""
+
+    number: int
+    live: tuple[LiveJourney, ...]
+    loyalty: Loyalty
+    computed: tuple[str, ...]
+    stamp: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    number: int
+    ids: list[int]
+    now: datetime
+    written: int  # every batch numbered up to this one is written (or was never composed)
+    session: Session | None  # sent with a session's first job
+
+
+class _Worker:
+    """The worker process's side: its own database engine, version cache, templates and composer."""
+
+    def __init__(self, config: Config, secret: bytes, worker: str) -> None:
+        self.store = Store(config.database_url)
+        self.cache = VersionCache()
+        self.templates = Templates(config.templates_path, config.default_locale, config.currency)
+        self.composer = Composer(config, self.templates, secret, worker)
+        self.session: Session | None = None
+        self.stamp: tuple[tuple[str, float], ...] = ()
+        self.pending: dict[int, set[str]] = {}  # batch number -> its members, until the runner has written it
+
+    def run(self, job: Job) -> Composed:
+        if job.session is not None:
+            self.session = job.session
+            if job.session.stamp != self.stamp:
+                self.templates.refresh()
+                self.stamp = job.session.stamp
+            for live in job.session.live:
+                self.cache.put(live)
+        session = self.session
+        if session is None:
+            raise RuntimeError("compose worker: a job arrived before its session")
+        for number in [n for n in self.pending if n <= job.written]:
+            del self.pending[number]
+        busy: set[str] = set().union(*self.pending.values()) if self.pending else set()
+        with self.store.connect() as conn:
+            composed = self.composer.load_and_compose(conn, self.cache, job.ids, job.now, session.loyalty,
+                                                      list(session.computed), busy)
+        self.pending[job.number] = composed.members
+        composed.members = set()  # the runner does not need them back
+        return composed
+
+
+_worker: _Worker | None = None
+
+
+def _start(config: Config, secret: bytes, worker: str) -> None:
+    global _worker
+    logging.basicConfig(level=logging.WARNING)
+    _worker = _Worker(config, secret, worker)
+
+
+def _compose(job: Job) -> Composed:
+    if _worker is None:
+        raise RuntimeError("compose worker was not started")
+    return _worker.run(job)
+
+
+class ComposeWorker:
+    """The runner's handle on its compose worker process."""
+
+    def __init__(self, config: Config, secret: bytes, worker: str) -> None:
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start, initargs=(config, secret, worker))
+        self._session: Session | None = None
+        self._sent_session: int | None = None
+        self._number = 0
+
+    def begin(self, live: dict[str, LiveJourney], loyalty: Loyalty, computed: list[str],
+              stamp: tuple[tuple[str, float], ...]) -> None:
+        """A new run of due enrollments: its session goes with the next job."""
+        number = (self._session.number + 1) if self._session else 1
+        self._session = Session(number, tuple(live.values()), loyalty, tuple(computed), stamp)
+
+    def submit(self, ids: list[int], now: datetime, written: int) -> tuple[int, Future[Composed]]:
+        """Compose IDS (claimed); WRITTEN: the number of the last batch written. Returns the batch's number."""
+        self._number += 1
+        session = None
+        if self._session is not None and self._session.number != self._sent_session:
+            session, self._sent_session = self._session, self._session.number
+        future: Future[Composed] = self._pool.submit(_compose, Job(self._number, ids, now, written, session))
+        return self._number, future
+
+    def pids(self) -> list[int]:
+        """The worker's process id (none before its first job)."""
+        return list(getattr(self._pool, "_processes", None) or {})
+
+    @property
+    def last_number(self) -> int:
+        return self._number
+
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
