@@ -64,7 +64,7 @@ class _Worker:
     """The worker process's side: its own database engine, version cache, templates and composer."""
 
     def __init__(self, config: Config, secret: bytes, worker: str) -> None:
-        self.store = Store(config.database_url)
+        self.store = Store(config.database_url, page_cache_mb=4)  # it reads members in order, once
         self.cache = VersionCache()
         self.templates = Templates(config.templates_path, config.default_locale, config.currency)
         self.composer = Composer(config, self.templates, secret, worker)

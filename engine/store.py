@@ -38,7 +38,9 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
 class Store:
     """One database. ``dialect`` is ``sqlite`` or ``postgresql``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, page_cache_mb: int = 32) -> None:
+        """PAGE_CACHE_MB: SQLite's page cache per connection (a reader that streams, like the compose worker,
+        needs little)."""
         self.url = url
         if url.startswith("sqlite:///") and not url.endswith(":memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,7 @@ class Store:
         self.dialect = self.engine.dialect.name
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _page_cache(page_cache_mb))
         elif self.dialect != "postgresql":
             raise ConfigError(f"database.url must be sqlite:///... or postgresql+psycopg://..., got: {url}")
         self._lock_file: IO[str] | None = None
@@ -181,15 +184,21 @@ class WalCheckpointer:
             connection.close()
 
 
+def _page_cache(megabytes: int) -> Any:
+    def set_cache(dbapi_connection: Any, _record: Any) -> None:
+        # A large send touches the message log's indexes all over: 32 MB of page cache per writing connection
+        # (SQLite's default is 2 MB) keeps them in memory instead of re-reading pages from the OS every batch.
+        dbapi_connection.execute(f"PRAGMA cache_size=-{int(megabytes) * 1024}")
+
+    return set_cache
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
-    # A large send touches the message log's indexes all over: 32 MB of page cache per connection (SQLite's
-    # default is 2 MB) keeps them in memory instead of re-reading pages from the OS on every batch.
-    cursor.execute("PRAGMA cache_size=-32768")
     # Checkpoint the WAL every ~40 MB instead of every ~4 MB: fewer fsyncs of the database file during a send;
     # commits stay as durable as before (synchronous=NORMAL in WAL mode either way).
     cursor.execute("PRAGMA wal_autocheckpoint=10000")
