@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,6 +100,10 @@ _worker: _Worker | None = None
 
 def _start(config: Config, secret: bytes, worker: str) -> None:
     global _worker
+    # Ctrl-C and a SIGTERM to the whole process group are the daemon's to handle: it finishes or gives back the
+    # batch in hand and then closes this worker. Left to their defaults they would kill the worker mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     _worker = _Worker(config, secret, worker)
 

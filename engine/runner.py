@@ -154,6 +154,9 @@ class Runner:
                 worker = self._worker()
                 if worker is not None:
                     ids = self._run_pipelined(worker, ids, claim, now, computed, report, stop)
+                    if ids and stop():  # the worker failed as the daemon was asked to stop
+                        self._release(ids)
+                        return
             while ids:
                 self._run_batch(ids, now, computed, report, stop)
                 ids = [] if stop() else claim()

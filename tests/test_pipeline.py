@@ -231,3 +231,28 @@ def test_compose_worker_accepts_only_auto_on_off(tmp_path: Path) -> None:
     from engine.config import load_config
     with pytest.raises(ConfigError, match="compose_worker"):
         load_config(path)
+
+
+def test_ctrl_c_to_the_process_group_leaves_the_worker_to_the_daemon(tmp_path: Path, db_url: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """SIGINT and SIGTERM sent to every process of the group (Ctrl-C in a terminal, a service manager) are the
+    daemon's to handle: the worker survives them and goes on composing."""
+    rules_dir = rules(tmp_path, ("b_hello", HELLO))
+    h = harness(tmp_path, db_url, rules_dir, "on")
+    try:
+        h.members(*lapsed(50))
+        h.tick(CLOCK)
+        worker = h.app.runner.compose_worker
+        assert worker is not None
+        before = h.app.runner.worker_batches
+        for pid in worker.pids():
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        h.members(*lapsed(50, start=50), now="2026-06-16T00:00:00Z")
+        with caplog.at_level(logging.WARNING, logger="engine.runner"):
+            h.tick("2026-06-16T04:00:00Z")
+        assert "compose worker stopped" not in caplog.text
+        assert h.app.runner.worker_batches > before
+        assert sorted(m.member_id for m in h.sent()) == [f"P{i:04d}" for i in range(100)]
+    finally:
+        h.close()
