@@ -2,8 +2,9 @@
 
 Per batch: claim due enrollments (lease), walk each one's steps until it waits
 or ends (``engine.composer``; for a large send a second process composes the
-next batch meanwhile, ``engine.pipeline``), then in ONE transaction append the message rows (the at-most-once key
-is written here, before any channel is called) and move the enrollments on.
+next batch meanwhile, ``engine.pipeline``), then in ONE transaction append the
+message rows (the at-most-once key is written here, before any channel is
+called) and move the enrollments on.
 Only after that commit are the channels called; their answers are recorded in
 a second transaction. A crash in between leaves rows ``sending``, which the
 reaper turns into ``unknown`` — never a second send.
