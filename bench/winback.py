@@ -209,17 +209,21 @@ def one_pass(config_path: str, profile_to: str | None, analyze: bool, phase: str
             conn.execute(text("ANALYZE"))
         analyzed = time.perf_counter() - entered
         entered = time.perf_counter()
+    cpu_before = time.process_time()
     if phase != "entry":
         app.runner.run_due(CLOCK, live, report, lambda: False)
     sent = time.perf_counter()
+    send_cpu = time.process_time() - cpu_before
     if profiler:
         profiler.disable()
         profiler.dump_stats(str(profile_to))
     worker_peak = _worker_peak_mb(app)
+    worker_cpu = _worker_cpu_s(app)
     app.close()
     return {"sync_s": synced - started, "entry_s": entered - synced, "send_s": sent - entered,
             "total_s": sent - started - analyzed, "analyze_s": analyzed, "rss_before_mb": rss_before,
             "rss_peak_mb": _peak_mb(), "rss_worker_peak_mb": worker_peak,
+            "send_cpu_s": send_cpu, "worker_cpu_s": worker_cpu,
             "enrolled": report.counts["enrolled"], "sent": report.counts["sent"]}
 
 
@@ -244,6 +248,21 @@ def _worker_peak_mb(app: App) -> float:
     """The compose worker's peak, read before the App closes it; 0 if none ran."""
     worker = app.runner.compose_worker
     return sum(_hwm_mb(pid) or 0.0 for pid in worker.pids()) if worker is not None else 0.0
+
+
+def _worker_cpu_s(app: App) -> float:
+    """CPU seconds (user + system) the compose worker has used in its life, read before the App closes it."""
+    worker = app.runner.compose_worker
+    if worker is None:
+        return 0.0
+    total = 0.0
+    for pid in worker.pids():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def _pass_command(config_path: Path, profile_to: Path | None, analyze: bool, phase: str) -> list[str]:
@@ -292,6 +311,8 @@ def run_pass(config_path: Path, profile_to: Path | None, analyze: bool, daemons:
                    rss_before_mb=max(f["rss_before_mb"] for f in each),
                    rss_peak_mb=max(f["rss_peak_mb"] for f in each),
                    rss_worker_peak_mb=max(f.get("rss_worker_peak_mb", 0) for f in each),
+                   send_cpu_s=sum(f.get("send_cpu_s", 0) for f in each),
+                   worker_cpu_s=sum(f.get("worker_cpu_s", 0) for f in each),
                    sent_by_daemon=[f["sent"] for f in each])
     return figures
 
@@ -409,6 +430,8 @@ def table(results: list[Result]) -> list[str]:
         ("first send, s", [f"{r.pass_figures['send_s']:.2f}" for r in results], ""),
         ("  messages / s", [f"{r.pass_figures['sent'] / r.pass_figures['send_s']:,.0f}" for r in results],
          f">= {TARGET_SEND:,} (SQLite)"),
+        ("  CPU s: sending process", [f"{r.pass_figures.get('send_cpu_s', 0):.1f}" for r in results], ""),
+        ("  CPU s: compose worker", [f"{r.pass_figures.get('worker_cpu_s', 0):.1f}" for r in results], ""),
         ("pass total (sync+entry+send), s", [f"{r.pass_figures['total_s']:.2f}" for r in results],
          f"<= {TARGET_TOTAL_1M:.0f} s at 1,000,000" if n == 1_000_000 else ""),
         ("  projected to 1,000,000, s", [f"{r.pass_figures['total_s'] * scale:.0f}" for r in results],

@@ -23,6 +23,7 @@ process again and says so in the log; nothing claimed is lost.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import signal
@@ -106,6 +107,14 @@ def _start(config: Config, secret: bytes, worker: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     _worker = _Worker(config, secret, worker)
+    # As the runner does during a large send (runner.fewer_collections), for this process's whole life: what
+    # start-up made is frozen out of the cyclic collector, and young collections wait for 20,000 new containers
+    # instead of 700. A batch makes many short-lived dicts and few cycles; the defaults spent about 5 % of the
+    # worker's time re-examining the same objects.
+    gc.freeze()
+    young, *older = gc.get_threshold()
+    if young > 0:
+        gc.set_threshold(max(young, 20_000), *older)
 
 
 def _compose(job: Job) -> Composed:
