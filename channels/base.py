@@ -14,7 +14,9 @@ class Outcome(StrEnum):
     PERMANENT = "permanent"  # never retry (invalid number, unsubscribed)
 
 
-@dataclass(frozen=True)
+# Values: built once, read by the channels, never changed. Not frozen=True, because a frozen dataclass sets
+# every field through object.__setattr__: three times the cost to build, paid per message on the send path.
+@dataclass(slots=True)
 class OutgoingMessage:
     id: int  # the message log row id: providers get it as an idempotency reference
     channel: str  # "email" | "sms"
@@ -28,7 +30,7 @@ class OutgoingMessage:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a value too; not frozen, as OutgoingMessage
 class SendResult:
     outcome: Outcome
     provider_id: str | None = None

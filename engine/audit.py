@@ -117,16 +117,19 @@ def append(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> list[d
 
 def _existing_keys(conn: Connection, keys: list[tuple[str, int, str]]) -> set[tuple[str, int, str]]:
     """Which at-most-once keys are already logged (only after a crash mid-batch are there any)."""
-    ordered = sorted({enrollment_id for _, enrollment_id, _ in keys})
+    by_journey: dict[str, set[int]] = {}
+    for journey, enrollment_id, _ in keys:
+        by_journey.setdefault(journey, set()).add(enrollment_id)
     existing: set[tuple[str, int, str]] = set()
     dialect = conn.dialect.name
-    for chunk in chunked(ordered, dialect):
-        # Enrollment ids are unique across journeys; ix_messages_enrollment_id makes this one probe per id.
-        found = conn.execute(
-            select(messages.c.journey, messages.c.enrollment_id, messages.c.step)
-            .where(among(messages.c.enrollment_id, chunk, dialect))
-        ).all()
-        existing.update((j, int(e), s) for j, e, s in found)
+    for journey, enrollment_ids in by_journey.items():
+        for chunk in chunked(sorted(enrollment_ids), dialect):
+            # The unique key's own index (journey, enrollment_id, step): one probe per enrollment.
+            found = conn.execute(
+                select(messages.c.journey, messages.c.enrollment_id, messages.c.step)
+                .where(messages.c.journey == journey, among(messages.c.enrollment_id, chunk, dialect))
+            ).all()
+            existing.update((j, int(e), s) for j, e, s in found)
     return existing
 
 

@@ -252,6 +252,8 @@ class Message(Base):
     category: Mapped[str] = mapped_column(String(16), default="marketing", server_default="marketing")
 
     __table_args__ = (
+        # Also serves the at-most-once check before appending a batch (audit._existing_keys): journey, then the
+        # batch's enrollment ids.
         UniqueConstraint("journey", "enrollment_id", "step", name="uq_messages_once"),
         Index(None, "member_id", "created_at"),
         Index(None, "status"),
@@ -259,8 +261,10 @@ class Message(Base):
               postgresql_where=text("status = 'queued'")),
         Index(None, "journey", "created_at"),
         Index(None, "created_at"),
-        Index(None, "provider_id"),  # provider webhooks find their message by the provider's id
-        Index(None, "enrollment_id"),  # the at-most-once check before appending a batch
+        # Provider webhooks find their message by the provider's id. Rows get one only once a provider has
+        # answered, so the rows in flight (and suppressed ones, which never get one) stay out of the index.
+        Index("ix_messages_provider_id", "provider_id", sqlite_where=text("provider_id IS NOT NULL"),
+              postgresql_where=text("provider_id IS NOT NULL")),
     )
 
 

@@ -18,6 +18,7 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
+PIPELINE_DEPTH = 2  # batches handed to the compose worker at once
 
 
 def _chunk_size(channel: Channel, lease: timedelta) -> int:
@@ -194,46 +196,55 @@ class Runner:
                        stop: Callable[[], bool]) -> list[int]:
         """Batches composed by the worker while this process writes and delivers the batch before.
 
+        The worker holds up to PIPELINE_DEPTH batches: while this process writes batch N, the worker composes
+        N+1 and has N+2 waiting, so neither process waits for the other when one batch takes a little longer.
         Returns claimed ids still to run here, one batch at a time: empty unless the worker failed.
         """
         book = self.app.rules()
         worker.begin(self._live, book.loyalty, computed, self.app.rules_stamp)
         written = worker.last_number
         carry: list[int] = []  # claimed, deferred by the worker: their member was in a batch not yet written
-        in_flight: tuple[int, Future[Composed], list[int]] | None = None
+        pending = ids  # claimed, not yet handed to the worker
+        in_flight: deque[tuple[int, Future[Composed], list[int]]] = deque()
+        ready: tuple[int, Composed] | None = None  # composed, to be written
+
+        def held() -> list[int]:
+            return [i for _, _, batch in in_flight for i in batch]
+
         while True:
-            batch = carry + ids
-            carry = []
-            submitted = None
-            if batch:
+            while len(in_flight) < PIPELINE_DEPTH and (carry or pending) and not stop():
+                batch, carry, pending = carry + pending, [], []
                 try:
                     number, future = worker.submit(batch, now, written)
                 except BrokenProcessPool as exc:
-                    return self._worker_failed(exc, [*(in_flight[2] if in_flight else []), *batch])
-                submitted = (number, future, batch)
-            if in_flight is not None:
-                number, future, claimed = in_flight
-                try:
-                    composed = future.result()
-                except BrokenProcessPool as exc:
-                    return self._worker_failed(exc, [*claimed, *(submitted[2] if submitted else [])])
-                except BaseException:
-                    self._release([*claimed, *(submitted[2] if submitted else [])])
-                    raise
-                self.worker_batches += 1
-                self._write_and_deliver(composed, now, report, stop, recheck=True)
-                written = number
-                carry = composed.deferred
-                self.worker_deferred += len(carry)
-            in_flight = submitted
+                    return self._worker_failed(exc, [*held(), *batch])
+                in_flight.append((number, future, batch))
+                if len(in_flight) < PIPELINE_DEPTH:
+                    pending = claim()
+            if ready is not None:
+                self._write_and_deliver(ready[1], now, report, stop, recheck=True)
+                written, ready = ready[0], None
             if stop():
-                if in_flight is not None:
-                    in_flight[1].cancel()
-                self._release([*carry, *(in_flight[2] if in_flight else [])])
+                for _, future, _ in in_flight:
+                    future.cancel()
+                self._release([*carry, *pending, *held()])
                 return []
-            if in_flight is None and not carry:
+            if not in_flight:
                 return []
-            ids = claim()
+            number, future, claimed = in_flight.popleft()
+            try:
+                composed = future.result()
+            except BrokenProcessPool as exc:
+                return self._worker_failed(exc, [*claimed, *held(), *carry, *pending])
+            except BaseException:
+                self._release([*claimed, *held(), *carry, *pending])
+                raise
+            self.worker_batches += 1
+            carry = composed.deferred
+            self.worker_deferred += len(carry)
+            ready = (number, composed)
+            if not pending:
+                pending = claim()
 
     def _worker_failed(self, exc: BaseException, claimed: list[int]) -> list[int]:
         """The worker died: CLAIMED (in the order they were claimed) are composed here instead."""
@@ -323,8 +334,15 @@ class Runner:
                     return
                 chunk = group[start:start + size]
                 results = self._send(channel, [self._outgoing(r) for r in chunk])
-                updates = [self._result_update(row, result, now, report)
-                           for row, result in zip(chunk, results, strict=True)]
+                if all(result.outcome is Outcome.SENT for result in results):  # the common answer, recorded in bulk
+                    sent = MessageStatus.SENT.value
+                    updates = [ResultUpdate(row["id"], sent, result.provider_id, result.error,
+                                            int(row.get("attempts") or 0) + 1, now, None, row.get("reason"))
+                               for row, result in zip(chunk, results, strict=True)]
+                    report.add(sent, len(updates))
+                else:
+                    updates = [self._result_update(row, result, now, report)
+                               for row, result in zip(chunk, results, strict=True)]
                 if len(chunk) == len(pending):
                     pending = []
                 else:
