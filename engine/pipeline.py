@@ -3,7 +3,9 @@
 A large send is two kinds of work: loading a batch and rendering its messages (CPU in Python), and writing
 the log rows, calling the channels and recording their answers (mostly the database). One process does them
 one after the other; here a worker process does the first kind for the next batch while the runner does the
-second for the batch before, so a machine with two cores does both at once.
+second for the batch before, so a machine with two cores does both at once. The runner keeps two batches with
+the worker (``runner.PIPELINE_DEPTH``): one being composed and one queued, so the worker never waits for the
+runner to finish a batch before it can start the next.
 
 What stays the same:
 
@@ -14,7 +16,7 @@ What stays the same:
   one batch at a time: the worker leaves out (defers) enrollments whose member is in a batch the runner has
   not written yet, so frequency caps and member updates see that batch's rows; the runner puts the deferred
   enrollments (still claimed) into a later batch. Suppressions that the batch before added from its channel
-  answers are applied by the runner before it writes (``Runner._recheck_suppressions``).
+  answers are applied by the runner before it writes (``Runner._recheck_listed``).
 
 The worker is started with ``spawn`` (no threads or connections are inherited), once per App, on the first
 send large enough to use it, and lives until the App closes. If it dies, the runner composes in its own
