@@ -217,6 +217,8 @@ class Runner:
                 try:
                     number, future = worker.submit(batch, now, written)
                 except BrokenProcessPool as exc:
+                    if ready is not None:  # composed before the worker died: written as any other
+                        self._write_and_deliver(ready[1], now, report, stop, recheck=True)
                     return self._worker_failed(exc, [*held(), *batch])
                 in_flight.append((number, future, batch))
                 if len(in_flight) < PIPELINE_DEPTH:

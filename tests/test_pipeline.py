@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -254,5 +255,40 @@ def test_ctrl_c_to_the_process_group_leaves_the_worker_to_the_daemon(tmp_path: P
         assert "compose worker stopped" not in caplog.text
         assert h.app.runner.worker_batches > before
         assert sorted(m.member_id for m in h.sent()) == [f"P{i:04d}" for i in range(100)]
+    finally:
+        h.close()
+
+
+def test_a_worker_killed_mid_send_loses_nothing_and_sends_nothing_twice(tmp_path: Path, db_url: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The worker dies after the first batch went out, holding a composed batch the daemon has not written yet
+    and the next ones: the composed batch is written, the rest are composed by the daemon, and every member gets
+    one email in the same tick, with nothing left claimed."""
+    rules_dir = rules(tmp_path, ("b_hello", HELLO))
+    h = harness(tmp_path, db_url, rules_dir, "on")
+    killed: list[int] = []
+
+    def kill_after_second_batch_composed() -> bool:
+        worker = h.app.runner.compose_worker
+        if not killed and h.email.sent and h.app.runner.worker_batches >= 2 and worker is not None:
+            for pid in worker.pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            # Until the pool has noticed, a submit would still be accepted and fail later instead.
+            deadline = time.monotonic() + 10
+            while not getattr(worker._pool, "_broken", False) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return False
+
+    try:
+        h.members(*lapsed(120))
+        with caplog.at_level(logging.WARNING, logger="engine.runner"):
+            h.app.tick(h.at(CLOCK), stop=kill_after_second_batch_composed)
+        assert killed
+        assert "composing in this process" in caplog.text
+        assert sorted(m.member_id for m in h.sent()) == [f"P{i:04d}" for i in range(120)]
+        assert len(h.log()) == 120
+        assert all(e["claimed_by"] is None and e["status"] == "completed" for e in h.enrollments())
+        assert _verified(h).ok
     finally:
         h.close()
