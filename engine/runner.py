@@ -74,6 +74,12 @@ class ResultUpdate(NamedTuple):
     reason: str | None
 
 
+def _sent(row: Mapping[str, Any], result: SendResult, now: datetime) -> ResultUpdate:
+    """What an accepted message's row becomes."""
+    return ResultUpdate(row["id"], MessageStatus.SENT.value, result.provider_id, result.error,
+                        int(row.get("attempts") or 0) + 1, now, None, row.get("reason"))
+
+
 _relaxed = 0  # run_due calls inside fewer_collections() in this process (threads may overlap)
 _relaxed_lock = threading.Lock()
 _relaxed_restore: list[tuple[int, ...]] = []  # the thresholds to put back when the last one leaves
@@ -337,11 +343,8 @@ class Runner:
                 chunk = group[start:start + size]
                 results = self._send(channel, [self._outgoing(r) for r in chunk])
                 if all(result.outcome is Outcome.SENT for result in results):  # the common answer, recorded in bulk
-                    sent = MessageStatus.SENT.value
-                    updates = [ResultUpdate(row["id"], sent, result.provider_id, result.error,
-                                            int(row.get("attempts") or 0) + 1, now, None, row.get("reason"))
-                               for row, result in zip(chunk, results, strict=True)]
-                    report.add(sent, len(updates))
+                    updates = [_sent(row, result, now) for row, result in zip(chunk, results, strict=True)]
+                    report.add(MessageStatus.SENT.value, len(updates))
                 else:
                     updates = [self._result_update(row, result, now, report)
                                for row, result in zip(chunk, results, strict=True)]
@@ -385,8 +388,7 @@ class Runner:
                        report: TickReport) -> ResultUpdate:
         attempts = int(row.get("attempts") or 0) + 1
         if result.sent:
-            update = ResultUpdate(row["id"], MessageStatus.SENT.value, result.provider_id, result.error, attempts,
-                                  now, None, row.get("reason"))
+            update = _sent(row, result, now)
         elif result.suppress_reason:
             update = ResultUpdate(row["id"], MessageStatus.SUPPRESSED.value, result.provider_id, result.error,
                                   attempts, None, None, result.suppress_reason)
