@@ -198,6 +198,7 @@ def one_pass(config_path: str, profile_to: str | None, analyze: bool, phase: str
         profiler.enable()
     report = TickReport(CLOCK)
     started = time.perf_counter()
+    app.runner.start_worker_early()  # as App.tick does first: its start-up overlaps the entry phase
     live = app.live_journeys(CLOCK)
     synced = time.perf_counter()
     if phase != "send":

@@ -112,6 +112,7 @@ class App:
         """One full evaluation pass at NOW: programme upkeep, events, exits, entries, due steps, deferred messages."""
         started = time.perf_counter()
         report = TickReport(now)
+        self.runner.start_worker_early()  # its start-up overlaps what comes before the sends
         with self.store.begin() as conn:
             report.add("unknown", queries.reap_unknown(conn, now))
             queries.prune_webhook_receipts(conn, now - timedelta(days=30))

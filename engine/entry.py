@@ -12,9 +12,24 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from random import Random
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, exists, false, func, literal, or_, select, text, true, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -38,6 +53,12 @@ DATE_CATCH_UP = timedelta(days=3)  # after downtime, date triggers fire up to th
 ACTIVE = EnrollmentStatus.ACTIVE.value
 # New enrollments in one entry phase after which PostgreSQL's statistics for the table are refreshed at once.
 ANALYZE_AFTER = 10_000
+# SQLite, segment entry: an audience of at least this share of the members is found by walking the members in
+# id order rather than through an index on a tested column. Measured at 1,000,000 members (win-back's
+# last_order_at): the index was slower from about 3 % up; at 100 % it took 6.5 s against 2.2 s, and a tick
+# that found everyone already enrolled 11.2 s against 0.9 s.
+BROAD_AUDIENCE = 0.03
+AUDIENCE_SAMPLE = 256  # members looked at to estimate the share
 
 
 @dataclass
@@ -281,7 +302,13 @@ class EntryPhase:
 
     def _enter_segment(self, conn: Connection, journey: LiveJourney, trigger: SegmentTrigger, now: datetime,
                        room: int | None = None) -> int:
-        audience = to_sql(trigger.condition, now, journey.segments, self.app.store.dialect)
+        dialect = self.app.store.dialect
+        audience = to_sql(trigger.condition, now, journey.segments, dialect)
+        if dialect == "sqlite" and _audience_share(conn, audience) >= BROAD_AUDIENCE:
+            # SQLite has no statistics to tell a narrow range from a broad one: for a broad audience, looking
+            # each member up from an index on the tested column (and sorting them by id afterwards) costs
+            # several times more than reading them all in order.
+            audience = to_sql(trigger.condition, now, journey.segments, dialect, indexed=False)
         stamp = literal(now, UTCDateTime())
         select_new = select(
             literal(journey.id), literal(journey.version), members.c.id,
@@ -347,6 +374,22 @@ class EntryPhase:
         row counts of a multi-row insert are not reliable across drivers (psycopg reports -1)."""
         stmt = _insert(self.app.store.dialect)(enrollments).on_conflict_do_nothing().returning(enrollments.c.id)
         return len(conn.execute(stmt, rows).all())
+
+
+def _audience_share(conn: Connection, audience: ColumnElement[bool]) -> float:
+    """The share of (not forgotten) members in AUDIENCE, estimated from up to AUDIENCE_SAMPLE of them picked
+    by rowid (SQLite; the same ones for the same table size); 0.0 for an empty table."""
+    rowid: ColumnElement[int] = literal_column("members.rowid")
+    top = conn.execute(select(func.max(rowid)).select_from(members)).scalar()
+    if not top:
+        return 0.0
+    top = int(top)
+    picks = range(1, top + 1) if top <= AUDIENCE_SAMPLE else \
+        sorted({Random(top).randint(1, top) for _ in range(AUDIENCE_SAMPLE)})
+    seen, matched = conn.execute(
+        select(func.count(), func.coalesce(func.sum(case((audience, 1), else_=0)), 0)).select_from(members)
+        .where(rowid.in_(list(picks)), members.c.forgotten_at.is_(None))).one()
+    return int(matched) / int(seen) if seen else 0.0
 
 
 def _leap(year: int) -> bool:

@@ -19,7 +19,8 @@ What stays the same:
   answers are applied by the runner before it writes (``Runner._recheck_listed``).
 
 The worker is started with ``spawn`` (no threads or connections are inherited), once per App, on the first
-send large enough to use it, and lives until the App closes. If it dies, the runner composes in its own
+send large enough to use it, or at the start of a tick on a large database (``Runner.start_worker_early``),
+and lives until the App closes. If it dies, the runner composes in its own
 process again and says so in the log; nothing claimed is lost.
 """
 
@@ -119,6 +120,10 @@ def _start(config: Config, secret: bytes, worker: str) -> None:
         gc.set_threshold(max(young, 20_000), *older)
 
 
+def _started() -> None:
+    """A job that only makes the pool start its process (running _start there)."""
+
+
 def _compose(job: Job) -> Composed:
     if _worker is None:
         raise RuntimeError("compose worker was not started")
@@ -134,6 +139,10 @@ class ComposeWorker:
         self._session: Session | None = None
         self._sent_session: int | None = None
         self._number = 0
+
+    def start(self) -> None:
+        """Start the process now rather than at the first job (the pool starts it on a submit)."""
+        self._pool.submit(_started)
 
     def begin(self, live: dict[str, LiveJourney], loyalty: Loyalty, computed: list[str],
               stamp: tuple[tuple[str, float], ...]) -> None:
