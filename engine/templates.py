@@ -88,6 +88,12 @@ class Templates:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        # The environment is never async: built-in filters with an async variant (join, map, sum…) get their
+        # plain version, without the wrapper that asks on every call which one to run.
+        for name in list(self.env.filters):
+            plain = getattr(jinja2.filters, f"sync_do_{name}", None)
+            if plain is not None:
+                self.env.filters[name] = plain
         self.env.filters.update(money=self._money, date=self._date, datetime=self._datetime,
                                 discount=self._discount, number=self._number)
         self._compiled: dict[str, tuple[jinja2.Template, dict[str, Any]]] = {}
@@ -371,15 +377,25 @@ def _cached_date(value: date, fmt: str, locale: str) -> str:
     return str(format_date(value, fmt, locale=_babel_locale(locale)))
 
 
+_ZONES: dict[str, ZoneInfo] = {}  # by name, including names that are not zones (they read as UTC)
+
+
 def _zone(ctx: Any) -> ZoneInfo:
     name = ctx.get("_tz")
-    member = ctx.get("member")
-    if name is None and isinstance(member, Mapping):
-        name = member.get("timezone")
-    try:
-        return ZoneInfo(name or "UTC")
-    except Exception:  # noqa: BLE001 - a bad zone in member data must not break rendering
-        return ZoneInfo("UTC")
+    if name is None:
+        member = ctx.get("member")
+        if isinstance(member, Mapping):
+            name = member.get("timezone")
+    key = name or "UTC"
+    found = _ZONES.get(key) if isinstance(key, str) else None
+    if found is None:
+        try:
+            found = ZoneInfo(key)
+        except Exception:  # noqa: BLE001 - a bad zone in member data must not break rendering
+            found = ZoneInfo("UTC")
+        if isinstance(key, str) and len(_ZONES) < 4096:
+            _ZONES[key] = found
+    return found
 
 
 def _html_from_text(text: str) -> str:
