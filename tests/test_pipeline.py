@@ -218,6 +218,31 @@ def test_when_the_worker_dies_the_runner_composes_itself(tmp_path: Path, db_url:
         h.close()
 
 
+def test_a_tick_on_a_large_database_starts_the_worker_before_anything_is_due(tmp_path: Path, db_url: str) -> None:
+    """From 10 batches' worth of members (200 with batches of 20) the worker is started at the start of a tick, so
+    that its start-up overlaps the entry phase; below that, and with nothing to send, no second process."""
+    rules_dir = rules(tmp_path, ("b_hello", HELLO))
+    h = harness(tmp_path, db_url, rules_dir, "on")
+    try:
+        recent = [dict(m, last_order_at="2026-06-01T00:00:00Z") for m in lapsed(200)]  # in no journey's audience
+        h.members(*recent[:199])
+        h.tick(CLOCK)
+        assert h.app.runner.compose_worker is None
+        h.members(recent[199])
+        h.tick(CLOCK)
+        worker = h.app.runner.compose_worker
+        assert worker is not None and h.app.runner.worker_batches == 0 and not h.sent()
+        deadline = time.monotonic() + 30
+        while not worker.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.pids(), "the worker process was not started"
+        h.members(*lapsed(40, start=200))  # two full batches now due: composed by the worker already up
+        h.tick(CLOCK)
+        assert h.app.runner.worker_batches >= 1 and len(h.sent()) == 40
+    finally:
+        h.close()
+
+
 def test_a_small_send_stays_in_one_process(tmp_path: Path, db_url: str) -> None:
     """A tick with less than a batch due starts no second process."""
     rules_dir = rules(tmp_path, ("b_hello", HELLO))
