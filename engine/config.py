@@ -12,13 +12,13 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
 from engine.durations import parse_duration
 from engine.exceptions import ConfigError
+from engine.timeutil import valid_zone
 from engine.yamlsrc import UNKNOWN, Mark, YamlSyntaxError, YMap, YSeq, load_yaml, snippet
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -158,10 +158,8 @@ class Config(_Strict):
     @field_validator("default_timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"must be an IANA time zone such as Asia/Shanghai, got: {value!r}") from None
+        if not valid_zone(value):
+            raise ValueError(f"must be an IANA time zone such as Asia/Shanghai, got: {value!r}")
         return value
 
     def path(self, value: str) -> Path:

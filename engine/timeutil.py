@@ -35,6 +35,11 @@ def parse_date(value: object) -> date:
     raise ValueError(f"must be a date written YYYY-MM-DD, got: {value!r}")
 
 
+# What ZoneInfo raises for a name that is not a zone: also OSError, for a name that is a folder of the zone
+# database ("America") or too long to be a file name.
+_NOT_A_ZONE = (ZoneInfoNotFoundError, ValueError, OSError)
+
+
 @lru_cache(maxsize=1024)
 def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
     """The member's time zone, falling back to DEFAULT when missing or unknown."""
@@ -42,7 +47,7 @@ def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
         if candidate:
             try:
                 return ZoneInfo(candidate)
-            except (ZoneInfoNotFoundError, ValueError):
+            except _NOT_A_ZONE:
                 continue
     return ZoneInfo("UTC")
 
@@ -50,7 +55,7 @@ def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
 def valid_zone(name: str) -> bool:
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except _NOT_A_ZONE:
         return False
     return True
 

@@ -126,6 +126,12 @@ def test_a_misspelt_time_zone_is_rejected(tmp_path: Path) -> None:
     assert_reported(path, "default_timezone: ^Asia/Shanghia", "IANA time zone", "Asia/Shanghai")
 
 
+def test_a_time_zone_folder_is_rejected_not_a_crash(tmp_path: Path) -> None:
+    """"America" is a folder of the zone database: ZoneInfo raised OSError for it, not a config error."""
+    path = write(tmp_path, "default_timezone: America\n")
+    assert_reported(path, "default_timezone: ^America", "IANA time zone", "got: 'America'")
+
+
 def test_every_mistake_is_reported_in_line_order(tmp_path: Path) -> None:
     path = write(tmp_path, "\n".join([
         "scheduler:",

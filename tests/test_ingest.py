@@ -305,3 +305,21 @@ def test_a_re_import_raises_an_earned_tier_but_never_lowers_one(harness: Harness
     rows = stored(harness)
     assert (rows["g1"]["tier"], rows["g1"]["total_spend"]) == ("gold", 3000)
     assert rows["r1"]["tier"] == "gold"
+
+
+def test_a_time_zone_that_names_a_folder_of_the_zone_database_is_a_bad_row_not_a_crash(harness: Harness,
+                                                                                        tmp_path: Path) -> None:
+    """"America" and "Etc" are folders in the zone database and a 300-letter name is too long for a file name:
+    ZoneInfo raised OSError for them, which stopped the whole import with a traceback."""
+    path = jsonl(tmp_path / "members.jsonl",
+                 GOOD,
+                 {**GOOD, "id": "m2", "timezone": "America"},
+                 {**GOOD, "id": "m3", "timezone": "Etc"},
+                 {**GOOD, "id": "m4", "timezone": "x" * 300})
+    report = load_members(harness, path)
+
+    assert report.loaded == 1 and sorted(stored(harness)) == ["m1"]
+    why = reasons(report)
+    assert sorted(why) == [2, 3, 4]
+    assert "timezone" in why[2] and "'America'" in why[2]
+    assert "timezone" in why[3] and "'Etc'" in why[3]
