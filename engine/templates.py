@@ -27,6 +27,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from engine.exceptions import TemplateRenderError
 from engine.problems import Problem, did_you_mean
+from engine.timeutil import zone
 
 SUFFIX = ".j2"
 PARTS = {"email": ("subject", "text", "html"), "sms": ("text",)}
@@ -377,25 +378,14 @@ def _cached_date(value: date, fmt: str, locale: str) -> str:
     return str(format_date(value, fmt, locale=_babel_locale(locale)))
 
 
-_ZONES: dict[str, ZoneInfo] = {}  # by name, including names that are not zones (they read as UTC)
-
-
 def _zone(ctx: Any) -> ZoneInfo:
     name = ctx.get("_tz")
     if name is None:
         member = ctx.get("member")
         if isinstance(member, Mapping):
             name = member.get("timezone")
-    key = name or "UTC"
-    found = _ZONES.get(key) if isinstance(key, str) else None
-    if found is None:
-        try:
-            found = ZoneInfo(key)
-        except Exception:  # noqa: BLE001 - a bad zone in member data must not break rendering
-            found = ZoneInfo("UTC")
-        if isinstance(key, str) and len(_ZONES) < 4096:
-            _ZONES[key] = found
-    return found
+    # timeutil.zone caches by name; a name that is not a zone (or not a string) reads as UTC.
+    return zone(name if isinstance(name, str) else None)
 
 
 def _html_from_text(text: str) -> str:
