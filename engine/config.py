@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from engine.durations import parse_duration
@@ -67,9 +67,22 @@ class ChannelConfig(_Strict):
     max_attempts: int = Field(5, ge=1, le=20, description="tries for a transient failure before it is failed")
     path: str | None = Field(None, description="outbox file (outbox provider)")
     timeout: float = Field(10.0, gt=0)
+    # Messages handed to the provider before their answers are recorded: the most a crash (kill -9) can leave
+    # ``unknown``. At least `concurrency`; more lets a slow provider work through fewer, larger chunks.
+    in_flight: int = Field(100, ge=1, le=10_000, description="messages handed over before answers are recorded")
+    # Seconds after a hand-over before a timed-out or crashed request is looked up at the provider: one still
+    # being processed there would not be found yet and would be sent twice.
+    reconcile_after: float = Field(60.0, ge=0, le=86_400)
     # SMS only: the reply to HELP, and a hint appended to marketing SMS that lack one.
     help_reply: str = "会员中心：回复 TD 退订，回复 START 重新订阅。Reply STOP to opt out, START to opt back in."
     opt_out_hint: dict[str, str] = {"zh": "回T退订", "en": "Reply STOP to opt out"}
+
+    @model_validator(mode="after")
+    def _window(self) -> ChannelConfig:
+        if self.in_flight < self.concurrency:
+            raise ValueError(f"in_flight must be at least concurrency ({self.concurrency}): the requests in flight "
+                             f"at once are part of what is handed over, got: {self.in_flight}")
+        return self
 
 
 class ChannelsConfig(_Strict):
