@@ -117,3 +117,6 @@ class Channel(abc.ABC):
         """
         return [Reconciled(Found.UNKNOWN, detail=f"{self.provider or 'this channel'} cannot look messages up; "
                            "only a delivery callback or an operator can settle it") for _ in messages]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release resources; called once when the engine stops."""
