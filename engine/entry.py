@@ -192,10 +192,12 @@ class EntryPhase:
                          .values(converted_at=bindparam("_at")),
                          [{"_id": k, "_at": v} for k, v in conversions.items()])
             report.add("converted", len(conversions))
-        if resumes:
+        # A member whose event both ends a wait and exits the journey leaves it: no resume to write for them. (An
+        # empty parameter list here once made every tick fail with "A value is required for bind parameter".)
+        resumed = [{"_id": k, "_step": v} for k, v in resumes.items() if k not in exits]
+        if resumed:
             conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
-                         .values(step=bindparam("_step"), waiting_for=None, next_run_at=now),
-                         [{"_id": k, "_step": v} for k, v in resumes.items() if k not in exits])
+                         .values(step=bindparam("_step"), waiting_for=None, next_run_at=now), resumed)
         if exits:
             conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
                          .values(status=EnrollmentStatus.EXITED.value, ended_at=now, exit_reason=bindparam("_why"),
