@@ -12,17 +12,19 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from channels import Channel, build_channel
-from engine import queries
+from engine import quarantine, queries, reconcile
 from engine.config import Config
 from engine.entry import EntryPhase
 from engine.exceptions import RulesError
 from engine.loyalty import Loyalty
 from engine.programme import ProgrammePhase
+from engine.reconcile import Reconciliation
 from engine.report import TickReport
 from engine.rulebook import Rulebook, journey_files, load_rulebook
 from engine.runner import Runner
@@ -48,6 +50,8 @@ class App:
         self._rules_stamp: tuple[tuple[str, float], ...] = ()
         self._secret: bytes | None = None
         self.runner = Runner(self, self.worker)
+        #: messages settled by reconciliation in this process, by (channel, outcome): for /metrics
+        self.reconciled: Counter[tuple[str, str]] = Counter()
         self.entry = EntryPhase(self)
         self.programme = ProgrammePhase(self)
 
@@ -102,34 +106,88 @@ class App:
         return book.loyalty
 
     def live_journeys(self, now: datetime, book: Rulebook | None = None) -> dict[str, LiveJourney]:
+        """Every journey that should run, by id: paused ones (their compiled form failed at run time, see
+        engine.quarantine) are left out until the journey changes or `run.py retry` lifts the pause."""
         book = book or self.rules()
         with self.store.begin() as conn:
-            return sync(conn, self.store.dialect, book, self.versions, now)
+            live = sync(conn, self.store.dialect, book, self.versions, now)
+            paused = quarantine.paused_journeys(conn)
+            for journey_id, (version, error) in paused.items():
+                current = live.get(journey_id)
+                if current is None:
+                    continue
+                if version is not None and current.version != version:  # fixed: a new version runs again
+                    quarantine.settle(conn, quarantine.Kind.JOURNEY, [journey_id], now)
+                    log.info("journey %s: version %s replaces the paused version %s", journey_id,
+                             current.version, version)
+                    continue
+                del live[journey_id]
+                log.warning("journey %s is paused: %s (fix it, then run.py retry --journey %s)", journey_id, error,
+                            journey_id)
+        return live
+
+    def pause(self, journey: LiveJourney, exc: BaseException, what: str, now: datetime, report: TickReport) -> None:
+        """A journey whose compiled form failed at run time: paused with the reason, the others go on."""
+        failure = quarantine.Failure.of(exc, quarantine.Kind.JOURNEY, journey.id, retry=False, journey_id=journey.id,
+                                        journey_version=journey.version)
+        failure = quarantine.Failure(failure.kind, failure.ref, f"{what}: {failure.error}", failure.detail,
+                                     failure.journey_id, failure.journey_version, retry=False)
+        with self.store.begin() as conn:
+            quarantine.record(conn, [failure], now)
+        report.add("paused")
+        report.problems.append(f"journey {journey.id} (version {journey.version}) paused: {failure.error}")
+        log.error("journey %s (version %s) paused: %s", journey.id, journey.version, failure.error)
 
     # ------------------------------------------------------------------ the engine
 
     def tick(self, now: datetime, stop: Callable[[], bool] = lambda: False) -> TickReport:
-        """One full evaluation pass at NOW: programme upkeep, events, exits, entries, due steps, deferred messages."""
+        """One full evaluation pass at NOW: crash recovery and reconciliation, programme upkeep, events, exits,
+        entries, due steps, deferred messages. A phase that fails as a whole (a bug) is reported in the tick's
+        ``errors`` and the others still run; a failure of the database itself ends the tick (the next retries)."""
         started = time.perf_counter()
         report = TickReport(now)
         self.runner.start_worker_early()  # its start-up overlaps what comes before the sends
-        with self.store.begin() as conn:
-            report.add("unknown", queries.reap_unknown(conn, now))
-            queries.prune_webhook_receipts(conn, now - timedelta(days=30))
+        self._phase("recovery", report, lambda: self.recover(now, report))
         book = self.rules()
-        self.programme.run(now, report, book)
+        self._phase("programme", report, lambda: self.programme.run(now, report, book))
         live = self.live_journeys(now, book)
-        self.entry.handle_events(now, live, report, stop)
+        self._phase("events", report, lambda: self.entry.handle_events(now, live, report, stop))
         if not stop():
-            self.entry.exit_by_condition(now, live, report)
+            self._phase("exits", report, lambda: self.entry.exit_by_condition(now, live, report))
         if not stop():
-            self.entry.enter(now, live, report)
+            self._phase("entries", report, lambda: self.entry.enter(now, live, report))
         if not stop():
-            self.runner.run_due(now, live, report, stop)
+            self._phase("due steps", report, lambda: self.runner.run_due(now, live, report, stop))
         if not stop():
-            self.runner.dispatch_queued(now, report, stop)
+            self._phase("queued messages", report, lambda: self.runner.dispatch_queued(now, report, stop))
         report.seconds = time.perf_counter() - started
         return report
+
+    def _phase(self, name: str, report: TickReport, run: Callable[[], object]) -> None:
+        try:
+            run()
+        except Exception as exc:
+            if quarantine.is_systemic(exc):
+                raise
+            log.exception("tick at %s: the %s phase failed; the other phases go on", report.now.isoformat(), name)
+            report.errors.append(f"{name}: {quarantine.describe(exc)}")
+
+    def recover(self, now: datetime, report: TickReport, *, everything: bool = False) -> Reconciliation:
+        """Settle what a crash or a lost answer left open: requeue what was never handed over, mark the hand-over
+        in progress unknown, and reconcile unknown messages with their channels (engine.reconcile)."""
+        recovered = reconcile.recover(self.store, self.channel, self.worker, now,
+                                      exclusive=self.store.holds_process_lock)
+        report.add("requeued", recovered.requeued)
+        report.add("unknown", recovered.in_doubt)
+        with self.store.begin() as conn:
+            queries.prune_webhook_receipts(conn, now - timedelta(days=30))
+        settled = reconcile.reconcile(self.store, self.channel, self.worker, now,
+                                      max_attempts=self.runner.delivery.max_attempts,
+                                      lease=timedelta(seconds=self.config.scheduler.lease_seconds),
+                                      everything=everything, hints=recovered.hints)
+        report.add("reconciled", settled.resolved)
+        self.reconciled.update(settled.by_channel)
+        return settled
 
     def close(self) -> None:
         self.runner.close()

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy import func, select
 
-from engine import audit, funnel, messagelog, programme_report
+from engine import audit, funnel, messagelog, programme_report, quarantine
 from engine import logs as logsetup
 from engine import members as member_ops
 from engine.config import Config, load_config
 from engine.durations import parse_duration
-from engine.exceptions import EngineError, InputError, RulesError
+from engine.exceptions import AlreadyRunning, EngineError, InputError, RulesError
+from engine.models import MessageStatus, messages
+from engine.report import TickReport
 from engine.timeutil import parse_instant
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -213,6 +216,20 @@ def tick(obj: Ctx, now_text: str | None) -> None:
     finally:
         app.close()
     click.echo(f"tick {now.isoformat()}: {report.summary()} ({report.seconds:.2f}s)")
+    _tick_problems(report)
+    if report.errors:
+        sys.exit(1)
+
+
+def _tick_problems(report: Any) -> None:
+    """Units set aside (the tick went on without them) and phases that failed, one line each, on stderr."""
+    for problem in report.problems:
+        click.echo(f"set aside: {problem}", err=True)
+    if report.counts.get("quarantined"):
+        click.echo(f"{report.counts['quarantined']} unit(s) quarantined: `run.py log --status quarantined` shows them, "
+                   "`run.py retry` runs them again after a fix", err=True)
+    for error in report.errors:
+        click.echo(f"error: the {error} (the other phases ran; run with --debug for the traceback)", err=True)
 
 
 def _warn_rules(app: Any) -> None:
@@ -317,7 +334,8 @@ def preview(obj: Ctx, journey_id: str, step_id: str, member_id: str) -> None:
 @main.command(name="log")
 @click.option("--member", default=None)
 @click.option("--journey", default=None)
-@click.option("--status", type=click.Choice(messagelog.STATUSES), default=None)
+@click.option("--status", type=click.Choice([*messagelog.STATUSES, "quarantined"]), default=None,
+              help="a message status, or quarantined: the units of work set aside after failing")
 @click.option("--since", default=None, help="ISO 8601")
 @click.option("--until", default=None, help="ISO 8601")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table", show_default=True)
@@ -325,19 +343,28 @@ def preview(obj: Ctx, journey_id: str, step_id: str, member_id: str) -> None:
 @handle_errors
 def log_cmd(obj: Ctx, member: str | None, journey: str | None, status: str | None, since: str | None,
             until: str | None, fmt: str) -> None:
-    """Query the message log."""
+    """Query the message log (or, with --status quarantined, the work set aside after failing)."""
     flt = messagelog.LogFilter(member, journey, status, instant(since, "--since"), instant(until, "--until"))
     app = obj.app()
+    held = 0
     try:
         with app.store.connect() as conn:
-            count = messagelog.write(sys.stdout, messagelog.rows(conn, flt), fmt)
+            if status == "quarantined":
+                count = messagelog.write_quarantine(sys.stdout, quarantine.entries(conn, journey=journey,
+                                                                                   member=member), fmt)
+            else:
+                count = messagelog.write(sys.stdout, messagelog.rows(conn, flt), fmt)
+                held = quarantine.quarantined_total(conn) if fmt == "table" else 0
     except BrokenPipeError:  # `| head` closed the pipe: that is fine
         sys.stderr.close()
         return
     finally:
         app.store.close()
     if fmt == "table":
-        click.echo(f"{count} message(s)", err=True)
+        what = "unit(s) set aside" if status == "quarantined" else "message(s)"
+        click.echo(f"{count} {what}", err=True)
+        if held:
+            click.echo(f"and {held} unit(s) of work quarantined: `run.py log --status quarantined`", err=True)
 
 
 @main.command()
@@ -369,6 +396,105 @@ def report(obj: Ctx, journey: str | None, fmt: str, programme: bool, from_text: 
     app.store.close()
     render = {"table": funnel.as_table, "json": funnel.as_json, "html": funnel.as_html}[fmt]
     click.echo(render(items))
+
+
+@main.command(name="reconcile")
+@click.pass_obj
+@handle_errors
+def reconcile_cmd(obj: Ctx) -> None:
+    """Settle messages in doubt (status unknown) with their channels, and print what was resolved."""
+    app = obj.app()
+    try:
+        exclusive = _try_lock(app, "reconcile")
+        report = TickReport(datetime.now(UTC))
+        settled = app.recover(report.now, report, everything=True) if exclusive or app.store.dialect != "sqlite" \
+            else _reconcile_only(app, report.now)
+        with app.store.connect() as conn:
+            left = conn.execute(select(func.count()).select_from(messages)
+                                .where(messages.c.status == MessageStatus.UNKNOWN.value)).scalar_one()
+    finally:
+        app.close()
+    if report.counts.get("requeued") or report.counts.get("unknown"):
+        click.echo(f"after a crash: {report.counts['requeued']} message(s) never handed to a channel were queued "
+                   f"again; {report.counts['unknown']} handed over without an answer are in doubt")
+    for (channel, outcome), n in sorted(settled.by_channel.items()):
+        click.echo(f"{channel}: {n} {RECONCILED_WORDS[outcome]}")
+    for reason, n in settled.reasons.most_common():
+        click.echo(f"  {n} still unknown: {reason}")
+    if not settled.by_channel:
+        click.echo("nothing to reconcile" if not left else "")
+    click.echo(f"{settled.resolved} settled, {left} still unknown"
+               + (" (run.py log --status unknown)" if left else ""))
+
+
+RECONCILED_WORDS = {"sent": "sent (the channel has them: logged sent)",
+                    "resent": "never reached the channel: queued to be sent at the next tick",
+                    "failed": "never reached the channel and their attempts are used up: logged failed",
+                    "unresolved": "the channel cannot tell yet: left unknown"}
+
+
+def _try_lock(app: Any, what: str) -> bool:
+    """Take the engine lock when nothing else holds it (SQLite): then crash recovery can run here too."""
+    if app.store.dialect != "sqlite":
+        return False
+    try:
+        app.store.acquire_process_lock(what)
+    except AlreadyRunning:
+        return False
+    return True
+
+
+def _reconcile_only(app: Any, now: datetime) -> Any:
+    """The daemon runs (SQLite): it recovers crashed work itself; here only the unknown rows are reconciled."""
+    from engine import reconcile
+
+    return reconcile.reconcile(app.store, app.channel, app.worker, now, everything=True,
+                               max_attempts=app.runner.delivery.max_attempts,
+                               lease=timedelta(seconds=app.config.scheduler.lease_seconds))
+
+
+@main.command()
+@click.option("--journey", default=None, help="only units of this journey")
+@click.option("--member", default=None, help="only units of this member")
+@click.option("--kind", type=click.Choice([k.value for k in quarantine.Kind]), default=None)
+@click.option("--id", "entry_ids", type=int, multiple=True, help="a quarantine entry id (repeatable; see `log "
+              "--status quarantined`)")
+@click.option("--abandon", is_flag=True, help="give the units up instead: an enrollment leaves its journey (its "
+              "message logged failed), a message is logged failed, an event is closed")
+@click.pass_obj
+@handle_errors
+def retry(obj: Ctx, journey: str | None, member: str | None, kind: str | None, entry_ids: tuple[int, ...],
+          abandon: bool) -> None:
+    """Run quarantined work again after a fix (each unit once more), or give it up with --abandon."""
+    from engine import retry as retry_ops
+
+    now = datetime.now(UTC)
+    app = obj.app()
+    try:
+        with app.store.connect() as conn:
+            entries = quarantine.entries(conn, kinds=[quarantine.Kind(kind)] if kind else [], journey=journey,
+                                         member=member, ids=entry_ids)
+        if not entries:
+            click.echo("nothing is quarantined" + (" that matches" if journey or member or kind or entry_ids else ""))
+            return
+        if abandon:
+            outcomes = retry_ops.abandon(app, entries, now)
+        else:
+            run_now = app.store.dialect != "sqlite" or _try_lock(app, "retry")
+            outcomes = retry_ops.retry(app, entries, now, run_now=run_now)
+            if not run_now:
+                click.echo("a daemon is running on this database: it runs them at its next tick", err=True)
+    finally:
+        app.close()
+    for outcome in outcomes:
+        e = outcome.entry
+        where = " ".join(x for x in (e["journey_id"] and f"journey {e['journey_id']}",
+                                     e["step"] and f"step {e['step']}",
+                                     e["member_id"] and f"member {e['member_id']}") if x)
+        click.echo(f"#{e['id']} {e['kind']} {e['ref']} ({where}): {outcome.result}")
+    again = sum(1 for o in outcomes if o.result.startswith("failed again"))
+    if again:
+        sys.exit(1)
 
 
 @main.group(name="audit")

@@ -22,15 +22,15 @@ from engine.audit import content_hash
 from engine.computed import computed_columns
 from engine.config import Config
 from engine.context import ContextBuilder
-from engine.exceptions import TemplateRenderError
 from engine.journey import EndStep, Journey, SendStep, SplitStep, UpdateStep, WaitStep
 from engine.loading import load_batch
 from engine.loyalty import Loyalty
 from engine.models import EnrollmentStatus, MessageStatus
+from engine.quarantine import Failure, Kind, is_systemic
 from engine.safety import Rails, Reason
 from engine.steps import MAX_STEPS_PER_RUN, Transition, advance, apply_update
 from engine.templates import Templates
-from engine.versions import LiveJourney, VersionCache
+from engine.versions import LiveJourney, VersionCache, VersionUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ class Composed:
     deferred: list[int] = field(default_factory=list)
     #: the members of the composed enrollments
     members: set[str] = field(default_factory=set)
+    #: enrollments whose step failed (a render error, bad data): nothing of theirs is written but the failure;
+    #: they stay where they were and are tried again later, then quarantined (engine.quarantine)
+    failures: list[Failure] = field(default_factory=list)
+    #: enrollments that had failed before and went through this time: their quarantine entries are settled
+    recovered: list[int] = field(default_factory=list)
 
 
 def member_independent(journey: Journey, start: str | None) -> bool:
@@ -109,12 +114,24 @@ class Composer:
         rails = Rails(self.config)
         rails.prepare(conn, rows, now)
         journeys: dict[tuple[str, int], LiveJourney | None] = {}
+        unreadable: dict[tuple[str, int], VersionUnreadable] = {}
         for row in rows:
             key = (row["journey_id"], row["journey_version"])
-            if key not in journeys:
-                journeys[key] = cache.get(conn, *key)
+            if key not in journeys and key not in unreadable:
+                try:
+                    journeys[key] = cache.get(conn, *key)
+                except VersionUnreadable as exc:  # its enrollments wait (then quarantine); the others go on
+                    unreadable[key] = exc
         contexts = ContextBuilder(loyalty, self.config.default_locale, self.config.default_timezone, computed)
-        composed = self.compose(rows, journeys, rails, contexts, now)
+        readable = [r for r in rows if (r["journey_id"], r["journey_version"]) not in unreadable]
+        composed = self.compose(readable, journeys, rails, contexts, now)
+        for row in rows:
+            key = (row["journey_id"], row["journey_version"])
+            if key in unreadable:
+                composed.failures.append(Failure.of(unreadable[key], Kind.ENROLLMENT, row["enrollment_id"],
+                                                    journey_id=key[0], journey_version=key[1], member_id=row["id"],
+                                                    step=row["step"]))
+        composed.members = {r["id"] for r in rows}
         composed.deferred = deferred
         return composed
 
@@ -128,26 +145,47 @@ class Composer:
                 out.moves.append((row["enrollment_id"], None, EnrollmentStatus.EXITED.value, None, now,
                                   "journey version missing", None, None))
                 continue
-            event = row.get("event_properties") or {}
-            t = self._advance(live, row, now, event)
-            out.moves.append((t.enrollment_id, t.step, t.status, t.next_run_at, t.ended_at, t.exit_reason, t.variant,
-                              t.waiting_for))
-            transition = t
-            if transition.updates:
-                person = dict(row, variant=transition.variant)
-                for update_step in transition.updates:
-                    apply_update(person, update_step)
-                out.changed.append((row, person, live, [u.id for u in transition.updates]))
-            else:  # the loaded row is ours alone: no copy needed when nothing changes it
-                row["variant"] = transition.variant
-                person = row
-            for step in transition.sends:
-                out.outgoing.append(self._message_row(live, person, step, now, rails, contexts, event, lease_until))
-            for split in transition.holdouts:
-                out.outgoing.append(self._holdout_row(live, person, split, now))
-        for message in out.outgoing:  # what the log chains: computed here, beside the rendering
-            message["content_hash"] = content_hash(message)
+            try:
+                self._compose_one(live, row, now, rails, contexts, lease_until, out)
+            except Exception as exc:
+                # This enrollment alone: nothing of its step is written, it is tried again later (then
+                # quarantined), and the rest of the batch goes on.
+                if is_systemic(exc):
+                    raise
+                log.warning("journey %s step %s, member %s: %s", live.id, row["step"], row["id"], exc)
+                out.failures.append(Failure.of(exc, Kind.ENROLLMENT, row["enrollment_id"], journey_id=live.id,
+                                               journey_version=live.version, member_id=row["id"], step=row["step"]))
+                continue
+            if row.get("failures"):
+                out.recovered.append(int(row["enrollment_id"]))
         return out
+
+    def _compose_one(self, live: LiveJourney, row: dict[str, Any], now: datetime, rails: Rails,
+                     contexts: ContextBuilder, lease_until: datetime, out: Composed) -> None:
+        """One enrollment's walk and messages, added to OUT only once all of it is made."""
+        event = row.get("event_properties") or {}
+        t = self._advance(live, row, now, event)
+        move: Move = (t.enrollment_id, t.step, t.status, t.next_run_at, t.ended_at, t.exit_reason, t.variant,
+                      t.waiting_for)
+        changed: Changed | None = None
+        if t.updates:
+            person = dict(row, variant=t.variant)
+            for update_step in t.updates:
+                apply_update(person, update_step)
+            changed = (row, person, live, [u.id for u in t.updates])
+        else:  # the loaded row is ours alone: no copy needed when nothing changes it
+            person = row
+        rows = [self._message_row(live, person, step, now, rails, contexts, event, lease_until, t.variant)
+                for step in t.sends]
+        rows += [self._holdout_row(live, person, split, now, t.variant) for split in t.holdouts]
+        for message in rows:  # what the log chains: computed here, beside the rendering
+            message["content_hash"] = content_hash(message)
+        if changed is None:
+            row["variant"] = t.variant
+        out.moves.append(move)
+        out.outgoing.extend(rows)
+        if changed is not None:
+            out.changed.append(changed)
 
     # ------------------------------------------------------------------ one enrollment
 
@@ -172,19 +210,19 @@ class Composer:
         return transition
 
     def _holdout_row(self, live: LiveJourney, member: Mapping[str, Any], split: SplitStep,
-                     now: datetime) -> dict[str, Any]:
+                     now: datetime, variant: str | None) -> dict[str, Any]:
         """The control group gets nothing, but its members are logged so that lift can be measured."""
-        row = self._base_row(live, member, split.id, "none", None, now)
+        row = self._base_row(live, member, split.id, "none", None, now, variant)
         row.update(status=MessageStatus.SUPPRESSED.value, reason=Reason.HOLDOUT,
                    error=f"holdout: {split.holdout}% control group of split {split.id}")
         return row
 
     def _base_row(self, live: LiveJourney, member: Mapping[str, Any], step_id: str, channel: str,
-                  template: str | None, now: datetime) -> dict[str, Any]:
+                  template: str | None, now: datetime, variant: str | None) -> dict[str, Any]:
         return {
             "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
             "journey_version": live.version, "step": step_id, "channel": channel, "template": template,
-            "locale": None, "variant": member.get("variant"), "recipient": None, "subject": None, "body": None,
+            "locale": None, "variant": variant, "recipient": None, "subject": None, "body": None,
             "html": None, "status": MessageStatus.SUPPRESSED.value, "reason": None, "error": None,
             "provider_id": None, "attempts": 0, "next_attempt_at": None, "created_at": now,
             "sent_at": None, "updated_at": now, "claimed_by": None, "claimed_until": None, "redacted": False,
@@ -193,7 +231,7 @@ class Composer:
 
     def _message_row(self, live: LiveJourney, member: Mapping[str, Any], step: SendStep, now: datetime,
                      rails: Rails, contexts: ContextBuilder, event: Mapping[str, Any],
-                     lease_until: datetime) -> dict[str, Any]:
+                     lease_until: datetime, variant: str | None) -> dict[str, Any]:
         category = live.journey.category
         channel = step.channel
         verdict, address = rails.check(member, channel, now, category)
@@ -206,7 +244,7 @@ class Composer:
         row: dict[str, Any] = {
             "enrollment_id": member["enrollment_id"], "member_id": member["id"], "journey": live.id,
             "journey_version": live.version, "step": step.id, "channel": channel, "template": step.template,
-            "locale": None, "variant": member.get("variant"), "recipient": address, "subject": None, "body": None,
+            "locale": None, "variant": variant, "recipient": address, "subject": None, "body": None,
             "html": None, "status": verdict.status.value, "reason": verdict.reason or ("fallback" if note else None),
             "error": verdict.error or note,
             "provider_id": None, "attempts": 0, "next_attempt_at": verdict.not_before, "created_at": now,
@@ -218,13 +256,8 @@ class Composer:
         link = self.unsubscribe_link(member["id"], channel)
         context = contexts.build(member, now, {"id": live.id, "name": live.journey.name, "version": live.version},
                                  event, link)
-        try:
-            rendered = self.templates.render(step.template, channel, member.get("locale"), context)
-        except TemplateRenderError as exc:
-            row.update(status=MessageStatus.FAILED.value, reason=Reason.TEMPLATE_ERROR, error=str(exc),
-                       next_attempt_at=None)
-            log.warning("journey %s step %s: %s", live.id, step.id, exc)
-            return row
+        # A render error propagates: the enrollment stays at this step and is tried again (Composer.compose).
+        rendered = self.templates.render(step.template, channel, member.get("locale"), context)
         row["locale"], row["subject"], row["body"], row["html"] = (rendered.locale, rendered.subject, rendered.text,
                                                                    rendered.html)
         if channel == "email":

@@ -29,6 +29,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from engine.app import App
 from engine.exceptions import ConfigError, EngineError
+from engine.health import TickHealth
+from engine.quarantine import describe, quarantined_total
 
 log = logging.getLogger("engine.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -51,9 +53,9 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def http_server(app: App, listen: str) -> tuple[QuietServer, socket.socket]:
+def http_server(app: App, listen: str, health: TickHealth | None = None) -> tuple[QuietServer, socket.socket]:
     """The HTTP service for APP, and its socket, already bound (so a busy port is our clear error, not uvicorn's
-    sys.exit from inside a thread)."""
+    sys.exit from inside a thread). HEALTH: the daemon's tick record, when the service runs inside one."""
     from engine.web import create_app
 
     host, port = listen_address(listen)
@@ -65,8 +67,8 @@ def http_server(app: App, listen: str) -> tuple[QuietServer, socket.socket]:
     except OSError as exc:
         sock.close()
         raise EngineError(f"cannot listen on {listen} (web.listen): {exc.strerror or exc}") from None
-    config = uvicorn.Config(create_app(app), log_config=None, lifespan="off", timeout_graceful_shutdown=10,
-                            server_header=False)
+    config = uvicorn.Config(create_app(app, health=health), log_config=None, lifespan="off",
+                            timeout_graceful_shutdown=10, server_header=False)
     return QuietServer(config), sock
 
 
@@ -98,15 +100,15 @@ def serve_http(app: App, listen: str) -> None:
 class WebThread:
     """The HTTP service inside ``run.py serve``, in a background thread that the daemon starts and stops."""
 
-    def __init__(self, app: App, listen: str) -> None:
-        self.app, self.listen = app, listen
+    def __init__(self, app: App, listen: str, health: TickHealth | None = None) -> None:
+        self.app, self.listen, self.health = app, listen, health
         self.server: QuietServer | None = None
         self.socket: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.url = ""
 
     def start(self, timeout: float = 10.0) -> None:
-        self.server, self.socket = http_server(self.app, self.listen)
+        self.server, self.socket = http_server(self.app, self.listen, self.health)
         self.url = _url(self.socket)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="web",
                                        daemon=True)
@@ -129,21 +131,39 @@ class WebThread:
 
 
 class Daemon:
-    def __init__(self, app: App, web: WebThread | None = None) -> None:
+    def __init__(self, app: App, web: WebThread | None = None, health: TickHealth | None = None) -> None:
         self.app = app
         self.web = web
+        self.health = health or TickHealth(app.config.scheduler.interval, datetime.now(UTC), app.reconciled)
+        if web is not None:
+            web.health = self.health
         self.stopping = threading.Event()
         self.ticks = 0
 
     def tick(self) -> None:
         now = datetime.now(UTC)
+        started = time.monotonic()
         try:
             report = self.app.tick(now, stop=self.stopping.is_set)
-        except Exception:
+        except Exception as exc:
             log.exception("tick at %s failed; the next tick will retry", now.isoformat(timespec="seconds"))
+            self.health.record(now, time.monotonic() - started, None, describe(exc), self._quarantined())
             return
         self.ticks += 1
+        self.health.record(now, report.seconds, report, None, self._quarantined())
         log.info("tick %s: %s (%.2fs)", now.isoformat(timespec="seconds"), report.summary(), report.seconds)
+        for problem in report.problems:
+            log.warning("set aside: %s", problem)
+        for error in report.errors:
+            log.error("phase failed: %s", error)
+
+    def _quarantined(self) -> int | None:
+        try:
+            with self.app.store.connect() as conn:
+                return quarantined_total(conn)
+        except Exception:
+            log.warning("could not count quarantined work", exc_info=True)
+            return None
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)

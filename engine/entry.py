@@ -9,8 +9,8 @@ journey at once; UNIQUE constraints stop duplicates regardless.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from random import Random
 from typing import TYPE_CHECKING, Any
@@ -38,11 +38,13 @@ from engine.computed import computed_columns
 from engine.conditions import to_sql
 from engine.durations import parse_duration
 from engine.journey import DateTrigger, EventTrigger, Journey, SegmentTrigger
-from engine.matching import MatcherCache
+from engine.matching import Matcher, MatcherCache
 from engine.models import EnrollmentStatus, UTCDateTime, enrollments, events, journey_state, members
+from engine.quarantine import Failure, Kind, describe, is_systemic
+from engine.quarantine import record as record_failures
 from engine.report import TickReport
 from engine.timeutil import zone
-from engine.versions import LiveJourney, computed_needed
+from engine.versions import LiveJourney, VersionUnreadable, computed_needed
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -65,6 +67,48 @@ AUDIENCE_SAMPLE = 256  # members looked at to estimate the share
 class History:
     active: bool
     last_entered: datetime
+
+
+@dataclass
+class _Effects:
+    """What one event does (entry.EntryPhase._effects)."""
+
+    exits: dict[int, str] = field(default_factory=dict)
+    conversions: dict[int, datetime] = field(default_factory=dict)
+    resumes: dict[int, str | None] = field(default_factory=dict)
+    entries: list[tuple[tuple[str, str], dict[str, Any]]] = field(default_factory=list)
+    stale: bool = False
+    capped: int = 0
+
+
+@dataclass
+class _Matching:
+    """A batch of events' effects so far, and what later events of the batch must see of them."""
+
+    now: datetime
+    oldest: datetime
+    histories: dict[tuple[str, str], History]
+    quota: dict[str, int]
+    exits: dict[int, str] = field(default_factory=dict)
+    conversions: dict[int, datetime] = field(default_factory=dict)
+    resumes: dict[int, str | None] = field(default_factory=dict)
+    new_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def apply(self, effects: _Effects, report: TickReport) -> None:
+        for key, why in effects.exits.items():
+            self.exits.setdefault(key, why)
+        for key, at in effects.conversions.items():
+            self.conversions.setdefault(key, at)
+        for key, step in effects.resumes.items():
+            self.resumes.setdefault(key, step)
+        if effects.stale:
+            report.add("stale")
+        report.add("capped", effects.capped)
+        for who, row in effects.entries:
+            if who[0] in self.quota:
+                self.quota[who[0]] -= 1
+            self.histories[who] = History(True, self.now)
+            self.new_rows.append(row)
 
 
 def eligible(journey: Journey, history: History | None, now: datetime) -> bool:
@@ -117,19 +161,66 @@ class EntryPhase:
     # ------------------------------------------------------------------ events
 
     def handle_events(self, now: datetime, live: dict[str, LiveJourney], report: TickReport,
-                      stop: Callable[[], bool]) -> None:
+                      stop: Callable[[], bool], *, only: Sequence[int] | None = None) -> None:
+        """Match unhandled events (ONLY: just these, as `run.py retry` asks) against triggers, exits, goals and
+        waits. An event whose matching fails is quarantined and marked handled; the batch goes on. If the
+        batch's writes fail because of one event, the batch is matched again one event at a time."""
         running = [j for j in live.values() if j.journey.runs]
+        size = self.app.config.scheduler.batch_size
         while not stop():
+            ids: list[int] = []
+            try:
+                with self.app.store.begin() as conn:
+                    ids = queries.claim_unhandled_events(conn, now, size, only=only)
+                    if not ids:
+                        return
+                    self._match_and_mark(conn, ids, now, running, report)
+            except Exception as exc:
+                if is_systemic(exc) or not ids:
+                    raise
+                log.warning("matching a batch of %d events failed (%s); matching them one by one", len(ids),
+                            describe(exc))
+                for event_id in ids:
+                    self._match_one(event_id, now, running, report)
+            report.add("events", len(ids))
+            if only is not None:
+                return
+
+    def _match_and_mark(self, conn: Connection, ids: list[int], now: datetime, running: list[LiveJourney],
+                        report: TickReport) -> None:
+        failures = self._match(conn, ids, now, running, report)
+        conn.execute(update(events).where(events.c.id.in_(ids)).values(handled_at=now))
+        self._quarantine_events(conn, failures, now, report)
+
+    def _match_one(self, event_id: int, now: datetime, running: list[LiveJourney], report: TickReport) -> None:
+        try:
             with self.app.store.begin() as conn:
-                ids = queries.claim_unhandled_events(conn, now, self.app.config.scheduler.batch_size)
-                if not ids:
-                    return
-                self._match(conn, ids, now, running, report)
-                conn.execute(update(events).where(events.c.id.in_(ids)).values(handled_at=now))
-                report.add("events", len(ids))
+                ids = queries.claim_unhandled_events(conn, now, 1, only=[event_id])
+                if ids:
+                    self._match_and_mark(conn, ids, now, running, report)
+        except Exception as exc:
+            if is_systemic(exc):
+                raise
+            with self.app.store.begin() as conn:
+                member = conn.execute(select(events.c.member_id).where(events.c.id == event_id)).scalar()
+                conn.execute(update(events).where(events.c.id == event_id).values(handled_at=now))
+                self._quarantine_events(conn, [Failure.of(exc, Kind.EVENT, event_id, member_id=member)], now,
+                                        report)
+
+    def _quarantine_events(self, conn: Connection, failures: list[Failure], now: datetime,
+                           report: TickReport) -> None:
+        """Events whose matching failed: marked handled (a later tick would fail the same way), kept in the
+        quarantine until `run.py retry` matches them again."""
+        for outcome in record_failures(conn, [Failure(f.kind, f.ref, f.error, f.detail, member_id=f.member_id,
+                                                      retry=False) for f in failures], now):
+            report.add("quarantined")
+            report.problems.append(f"event {outcome.failure.ref} of member {outcome.failure.member_id}: "
+                                   f"{outcome.failure.error} (quarantined: run.py retry after a fix)")
+            log.error("event %s of member %s quarantined: %s", outcome.failure.ref, outcome.failure.member_id,
+                      outcome.failure.error)
 
     def _match(self, conn: Connection, ids: list[int], now: datetime, running: list[LiveJourney],
-               report: TickReport) -> None:
+               report: TickReport) -> list[Failure]:
         batch = [dict(r) for r in conn.execute(select(events).where(events.c.id.in_(ids))
                                                .order_by(events.c.occurred_at, events.c.id))
                  .mappings()]
@@ -144,49 +235,87 @@ class EntryPhase:
             .where(enrollments.c.member_id.in_(member_ids),
                    or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings()]
         triggered = [j for j in running if isinstance(j.journey.trigger, EventTrigger)]
-        in_play = {(r["journey_id"], r["journey_version"]) for r in open_rows}
-        versions = [v for v in (self.app.versions.get(conn, *k) for k in sorted(in_play)) if v is not None]
-        matcher = self.matchers.get([*triggered, *versions])
-        oldest = now - parse_duration(self.app.config.scheduler.trigger_window)
-        histories = _histories(conn, [j.id for j in triggered], member_ids)
-        exits: dict[int, str] = {}
-        conversions: dict[int, datetime] = {}
-        resumes: dict[int, str | None] = {}
-        new_rows: list[dict[str, Any]] = []
-        quota = self._quotas(conn, triggered, now)
+        versions = self._versions(conn, {(r["journey_id"], r["journey_version"]) for r in open_rows}, report)
+        matcher = self.matchers.get([*triggered, *versions.values()])
+        state = _Matching(
+            now=now, oldest=now - parse_duration(self.app.config.scheduler.trigger_window),
+            histories=_histories(conn, [j.id for j in triggered], member_ids),
+            quota=self._quotas(conn, triggered, now))
+        by_member: dict[str, list[dict[str, Any]]] = {}
+        for row in open_rows:
+            by_member.setdefault(row["member_id"], []).append(row)
+        failures: list[Failure] = []
         for event in batch:
             member = people.get(event["member_id"])
             if member is None:
                 continue
-            props = event["properties"] or {}
-            keys = matcher.matches(event["id"], event["type"], props, member, now)
-            for row in open_rows:
-                if row["member_id"] != member["id"]:
-                    continue
-                version = self.app.versions.get(conn, row["journey_id"], row["journey_version"])
-                if version is None:
-                    continue
-                self._goal_and_exit(version, row, event, keys, exits, conversions)
-                if row["waiting_for"] == event["type"] and row["status"] == ACTIVE and row["id"] not in resumes \
-                        and event["occurred_at"] >= row["entered_at"] and version.journey.has_step(row["step"]):
-                    wait = version.journey.step(row["step"])
-                    resumes[row["id"]] = version.journey.resolve(wait, getattr(wait, "then", None))
-            if event["occurred_at"] < oldest:
-                report.add("stale")
+            try:
+                effects = self._effects(event, member, by_member.get(member["id"], []), versions, triggered, matcher,
+                                        state)
+            except Exception as exc:
+                if is_systemic(exc):
+                    raise
+                failures.append(Failure.of(exc, Kind.EVENT, event["id"], member_id=member["id"]))
                 continue
-            for live in triggered:
-                if f"trigger:{live.id}:{live.version}" not in keys:
+            state.apply(effects, report)
+        self._write_effects(conn, state, now, report)
+        return failures
+
+    def _versions(self, conn: Connection, keys: set[tuple[str, int]],
+                  report: TickReport) -> dict[tuple[str, int], LiveJourney]:
+        """The journey versions members are in; one that cannot be read is left out (its exits, goals and waits
+        wait) with the reason in the tick's problems, instead of failing every event."""
+        out: dict[tuple[str, int], LiveJourney] = {}
+        for key in sorted(keys):
+            try:
+                version = self.app.versions.get(conn, *key)
+            except VersionUnreadable as exc:
+                report.problems.append(str(exc))
+                continue
+            if version is not None:
+                out[key] = version
+        return out
+
+    def _effects(self, event: dict[str, Any], member: dict[str, Any], rows: list[dict[str, Any]],
+                 versions: dict[tuple[str, int], LiveJourney], triggered: list[LiveJourney], matcher: Matcher,
+                 state: _Matching) -> _Effects:
+        """What one event does, computed against the batch so far without changing anything: applied only if
+        all of it could be worked out."""
+        now = state.now
+        effects = _Effects()
+        props = event["properties"] or {}
+        keys = matcher.matches(event["id"], event["type"], props, member, now)
+        for row in rows:
+            version = versions.get((row["journey_id"], row["journey_version"]))
+            if version is None:
+                continue
+            self._goal_and_exit(version, row, event, keys, effects.exits, effects.conversions,
+                                state.exits, state.conversions)
+            if row["waiting_for"] == event["type"] and row["status"] == ACTIVE and row["id"] not in state.resumes \
+                    and row["id"] not in effects.resumes and event["occurred_at"] >= row["entered_at"] \
+                    and version.journey.has_step(row["step"]):
+                wait = version.journey.step(row["step"])
+                effects.resumes[row["id"]] = version.journey.resolve(wait, getattr(wait, "then", None))
+        if event["occurred_at"] < state.oldest:
+            effects.stale = True
+            return effects
+        taken: dict[str, int] = {}
+        for live in triggered:
+            if f"trigger:{live.id}:{live.version}" not in keys:
+                continue
+            key = (live.id, member["id"])
+            if not eligible(live.journey, state.histories.get(key), now):
+                continue
+            if live.id in state.quota:
+                if state.quota[live.id] - taken.get(live.id, 0) <= 0:
+                    effects.capped += 1
                     continue
-                key = (live.id, member["id"])
-                if not eligible(live.journey, histories.get(key), now):
-                    continue
-                if live.id in quota:
-                    if quota[live.id] <= 0:
-                        report.add("capped")
-                        continue
-                    quota[live.id] -= 1
-                histories[key] = History(True, now)
-                new_rows.append(_enrollment(live, member["id"], f"event:{event['id']}", now, event["id"]))
+                taken[live.id] = taken.get(live.id, 0) + 1
+            effects.entries.append((key, _enrollment(live, member["id"], f"event:{event['id']}", now, event["id"])))
+        return effects
+
+    def _write_effects(self, conn: Connection, state: _Matching, now: datetime, report: TickReport) -> None:
+        exits, conversions, resumes = state.exits, state.conversions, state.resumes
         if conversions:
             conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"))
                          .values(converted_at=bindparam("_at")),
@@ -204,8 +333,8 @@ class EntryPhase:
                                  next_run_at=None),
                          [{"_id": k, "_why": v} for k, v in exits.items()])
             report.add("exited", len(exits))
-        if new_rows:
-            report.add("enrolled", self._insert_enrollments(conn, new_rows))
+        if state.new_rows:
+            report.add("enrolled", self._insert_enrollments(conn, state.new_rows))
 
     def _quotas(self, conn: Connection, journeys: Iterable[LiveJourney], now: datetime) -> dict[str, int]:
         """Entries each capped journey may still take today (calendar day in default_timezone)."""
@@ -222,71 +351,101 @@ class EntryPhase:
 
     @staticmethod
     def _goal_and_exit(live: LiveJourney, row: dict[str, Any], event: Mapping[str, Any], keys: set[str],
-                       exits: dict[int, str], conversions: dict[int, datetime]) -> None:
-        """KEYS: the rules the event matched (engine.matching); here only the time windows are checked."""
+                       exits: dict[int, str], conversions: dict[int, datetime], exited: Mapping[int, str],
+                       converted: Mapping[int, datetime]) -> None:
+        """KEYS: the rules the event matched (engine.matching); here only the time windows are checked. EXITED and
+        CONVERTED: what earlier events of the batch already did."""
         tag, at, goal = f"{live.id}:{live.version}", event["occurred_at"], live.journey.goal
         if (goal is not None and f"goal:{tag}" in keys and row["converted_at"] is None
-                and row["id"] not in conversions and row["entered_at"] <= at <= row["entered_at"] + goal.within):
+                and row["id"] not in converted and row["id"] not in conversions
+                and row["entered_at"] <= at <= row["entered_at"] + goal.within):
             conversions[row["id"]] = at
-        if f"exit:{tag}" in keys and row["status"] == ACTIVE and at >= row["entered_at"]:
+        if f"exit:{tag}" in keys and row["status"] == ACTIVE and at >= row["entered_at"] and row["id"] not in exited:
             exits.setdefault(row["id"], f"exit_when: {event['type']} event")
 
     # ------------------------------------------------------------------ condition exits
 
     def exit_by_condition(self, now: datetime, live: dict[str, LiveJourney], report: TickReport) -> None:
+        """Members who meet a journey's exit_when condition leave it, even in the middle of a wait. A journey whose
+        condition fails in the database is paused (with the reason); the others go on."""
+        for journey in list(live.values()):
+            try:
+                with self.app.store.begin() as conn:
+                    report.add("exited", self._exit_journey(conn, journey, now))
+            except Exception as exc:
+                if is_systemic(exc):
+                    raise
+                self.app.pause(journey, exc, "exit_when", now, report)
+                del live[journey.id]
+
+    def _exit_journey(self, conn: Connection, journey: LiveJourney, now: datetime) -> int:
         dialect = self.app.store.dialect
-        with self.app.store.begin() as conn:
-            for journey in live.values():
-                versions = conn.execute(select(enrollments.c.journey_version).distinct().where(
-                    enrollments.c.journey_id == journey.id, enrollments.c.status == ACTIVE)).scalars().all()
-                for number in versions:
-                    version = self.app.versions.get(conn, journey.id, number)
-                    if version is None or version.journey.exit_when is None:
-                        continue
-                    condition = version.journey.exit_when.condition
-                    if condition is None:
-                        continue
-                    matching = select(members.c.id).where(to_sql(condition, now, version.segments, dialect))
-                    result = conn.execute(
-                        update(enrollments)
-                        .where(enrollments.c.journey_id == journey.id, enrollments.c.journey_version == number,
-                               enrollments.c.status == ACTIVE, enrollments.c.member_id.in_(matching.scalar_subquery()))
-                        .values(status=EnrollmentStatus.EXITED.value, ended_at=now, next_run_at=None,
-                                exit_reason="exit_when: condition met"))
-                    report.add("exited", int(result.rowcount or 0))
+        exited = 0
+        versions = conn.execute(select(enrollments.c.journey_version).distinct().where(
+            enrollments.c.journey_id == journey.id, enrollments.c.status == ACTIVE)).scalars().all()
+        for number in versions:
+            version = self.app.versions.get(conn, journey.id, number)
+            if version is None or version.journey.exit_when is None:
+                continue
+            condition = version.journey.exit_when.condition
+            if condition is None:
+                continue
+            matching = select(members.c.id).where(to_sql(condition, now, version.segments, dialect))
+            result = conn.execute(
+                update(enrollments)
+                .where(enrollments.c.journey_id == journey.id, enrollments.c.journey_version == number,
+                       enrollments.c.status == ACTIVE, enrollments.c.member_id.in_(matching.scalar_subquery()))
+                .values(status=EnrollmentStatus.EXITED.value, ended_at=now, next_run_at=None,
+                        exit_reason="exit_when: condition met"))
+            exited += int(result.rowcount or 0)
+        return exited
 
     # ------------------------------------------------------------------ segment and date triggers
 
     def enter(self, now: datetime, live: dict[str, LiveJourney], report: TickReport) -> None:
+        """Segment and date triggers, one journey at a time. A journey whose audience cannot be selected (its
+        compiled condition fails in the database) is paused with the reason; the others go on."""
         enrolled = 0
-        for journey in live.values():
+        for journey in list(live.values()):
             trigger = journey.journey.trigger
             if not journey.journey.runs or isinstance(trigger, EventTrigger):
                 continue
-            with self.app.store.begin() as conn:
-                state = conn.execute(select(journey_state.c.date_cursor)
-                                     .where(journey_state.c.journey_id == journey.id)
-                                     .with_for_update(skip_locked=True)).first()
-                if state is None:
-                    continue  # another daemon is entering this journey right now
-                room = self._quotas(conn, [journey], now).get(journey.id)
-                if room is not None and room <= 0:
-                    continue
-                count = 0
-                if isinstance(trigger, SegmentTrigger):
-                    count = self._enter_segment(conn, journey, trigger, now, room)
-                elif isinstance(trigger, DateTrigger):
-                    count = self._enter_date(conn, journey, trigger, state.date_cursor, now, room)
-                    conn.execute(update(journey_state).where(journey_state.c.journey_id == journey.id)
-                                 .values(date_cursor=now))
-                report.add("enrolled", count)
-                enrolled += count
+            try:
+                count = self._enter_journey(journey, now)
+            except Exception as exc:
+                if is_systemic(exc):
+                    raise
+                self.app.pause(journey, exc, "entry", now, report)
+                del live[journey.id]
+                continue
+            report.add("enrolled", count)
+            enrolled += count
         if enrolled >= ANALYZE_AFTER and self.app.store.dialect == "postgresql":
             # The planner's row counts for enrollments predate this entry until autovacuum catches up. Believing
             # a journey had a handful of active enrollments, it claimed each batch by reading and sorting all of
             # them (a million rows per claim after a million-member entry): refresh them now.
             with self.app.store.begin() as conn:
                 conn.execute(text("ANALYZE enrollments"))
+
+    def _enter_journey(self, journey: LiveJourney, now: datetime) -> int:
+        trigger = journey.journey.trigger
+        with self.app.store.begin() as conn:
+            state = conn.execute(select(journey_state.c.date_cursor)
+                                 .where(journey_state.c.journey_id == journey.id)
+                                 .with_for_update(skip_locked=True)).first()
+            if state is None:
+                return 0  # another daemon is entering this journey right now
+            room = self._quotas(conn, [journey], now).get(journey.id)
+            if room is not None and room <= 0:
+                return 0
+            if isinstance(trigger, SegmentTrigger):
+                return self._enter_segment(conn, journey, trigger, now, room)
+            if isinstance(trigger, DateTrigger):
+                count = self._enter_date(conn, journey, trigger, state.date_cursor, now, room)
+                conn.execute(update(journey_state).where(journey_state.c.journey_id == journey.id)
+                             .values(date_cursor=now))
+                return count
+            return 0
 
     def _not_blocked(self, journey: LiveJourney, now: datetime) -> ColumnElement[bool]:
         rule = journey.journey.entry.reentry

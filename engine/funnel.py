@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, case, func, select
 
+from engine import quarantine
 from engine.models import EnrollmentStatus, enrollments, messages
 
 
@@ -28,6 +29,9 @@ class JourneyFigures:
     exited: int = 0
     converted: int = 0
     steps: list[StepFigures] = field(default_factory=list)
+    #: units set aside after failing, by status (retrying, quarantined); paused: why the journey is paused
+    quarantined: dict[str, int] = field(default_factory=dict)
+    paused: str | None = None
 
     @property
     def conversion_rate(self) -> float:
@@ -62,6 +66,14 @@ def figures(conn: Connection, journey: str | None = None) -> list[JourneyFigures
             index[key] = StepFigures(step, channel)
             figures_.steps.append(index[key])
         index[key].statuses[status] = int(n)
+    for (journey_id, _kind, status), n in quarantine.open_counts(conn).items():
+        if not journey_id or (journey and journey_id != journey):
+            continue
+        item = out.setdefault(journey_id, JourneyFigures(journey_id))
+        item.quarantined[status] = item.quarantined.get(status, 0) + n
+    for journey_id, (version, why) in quarantine.paused_journeys(conn).items():
+        if journey_id in out:
+            out[journey_id].paused = f"version {version}: {why}"
     return list(out.values())
 
 
@@ -81,6 +93,11 @@ def as_table(items: list[JourneyFigures]) -> str:
     for item in items:
         lines.append(f"{item.journey}: entered {item.entered}, active {item.active}, completed {item.completed}, "
                      f"exited {item.exited}, converted {item.converted} ({item.conversion_rate:.1%})")
+        if item.paused:
+            lines.append(f"  PAUSED ({item.paused}): fix it, then run.py retry --journey {item.journey}")
+        if item.quarantined:
+            parts = ", ".join(f"{n} {status}" for status, n in sorted(item.quarantined.items()))
+            lines.append(f"  set aside after failing: {parts} (run.py log --status quarantined)")
         for step in item.steps:
             parts = ", ".join(f"{k} {v}" for k, v in sorted(step.statuses.items()))
             lines.append(f"  {step.step} ({step.channel}): {parts}")
@@ -92,6 +109,11 @@ def as_html(items: list[JourneyFigures]) -> str:
     for item in items:
         rows.append(f"<h2>{html.escape(item.journey)}</h2><p>entered {item.entered} · completed {item.completed} · "
                     f"exited {item.exited} · converted {item.converted} ({item.conversion_rate:.1%})</p>")
+        if item.paused:
+            rows.append(f"<p><strong>Paused</strong> ({html.escape(item.paused)})</p>")
+        if item.quarantined:
+            parts = ", ".join(f"{n} {html.escape(status)}" for status, n in sorted(item.quarantined.items()))
+            rows.append(f"<p>Set aside after failing: {parts}</p>")
         rows.append("<table><tr><th>step</th><th>channel</th><th>statuses</th></tr>")
         for step in item.steps:
             parts = ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(step.statuses.items()))

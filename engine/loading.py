@@ -23,7 +23,8 @@ _ENROLLMENT_COLUMNS: tuple[tuple[str, Column[Any]], ...] = (
     ("enrollment_id", enrollments.c.id), ("journey_id", enrollments.c.journey_id),
     ("journey_version", enrollments.c.journey_version), ("step", enrollments.c.step),
     ("variant", enrollments.c.variant), ("event_id", enrollments.c.event_id),
-    ("waiting_for", enrollments.c.waiting_for), ("event_properties", events.c.properties),
+    ("waiting_for", enrollments.c.waiting_for), ("failures", enrollments.c.failures),
+    ("event_properties", events.c.properties),
 )
 _COLUMNS: tuple[tuple[str, Column[Any]], ...] = (*_ENROLLMENT_COLUMNS, *((c.name, c) for c in members.c))
 _FROM = (

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from engine import points
+from engine import points, quarantine
 from engine.exceptions import NotFound
 from engine.loyalty import Loyalty
 from engine.models import EnrollmentStatus, enrollments, events, members, messages
@@ -32,13 +32,24 @@ def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str
     lines.append("journeys:")
     rows = conn.execute(select(enrollments).where(enrollments.c.member_id == member_id)
                         .order_by(enrollments.c.entered_at)).mappings().all()
+    held = {int(q["ref"]): q for q in quarantine.entries(conn, kinds=[quarantine.Kind.ENROLLMENT], member=member_id)}
     for e in rows:
         detail = f"next step {e['step']} at {_show(e['next_run_at'])}" if e["status"] == "active" else \
             f"{e['status']} {_show(e['ended_at'])}" + (f" ({e['exit_reason']})" if e["exit_reason"] else "")
+        if e["status"] == "active" and e["id"] in held:
+            q = held[e["id"]]
+            when = "quarantined (run.py retry after a fix)" if q["status"] == "quarantined" else \
+                f"failed {q['attempts']} time(s), tried again at {_show(q['next_attempt_at'])}"
+            detail = f"stuck at step {e['step']}: {when}: {q['error']}"
         conv = f", converted {_show(e['converted_at'])}" if e["converted_at"] else ""
         lines.append(f"  {e['journey_id']} v{e['journey_version']}: entered {_show(e['entered_at'])}, {detail}{conv}")
     if not rows:
         lines.append("  (none)")
+    others = [q for q in quarantine.entries(conn, member=member_id) if q["kind"] != quarantine.Kind.ENROLLMENT.value]
+    if others:
+        lines.append("set aside:")
+        for q in others:
+            lines.append(f"  {q['kind']} {q['ref']}: {q['status']} after {q['attempts']} failure(s): {q['error']}")
     lines.append("recent messages:")
     recent = conn.execute(select(messages).where(messages.c.member_id == member_id)
                           .order_by(messages.c.id.desc()).limit(10)).mappings().all()

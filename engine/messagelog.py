@@ -111,3 +111,37 @@ def to_string(items: Iterator[dict[str, Any]], fmt: str) -> str:
     buffer = io.StringIO()
     write(buffer, items, fmt)
     return buffer.getvalue()
+
+
+#: the fields of a quarantine entry as `log --status quarantined` shows them
+QUARANTINE_FIELDS = ("id", "kind", "ref", "journey_id", "journey_version", "step", "member_id", "status", "attempts",
+                     "error", "first_failed_at", "last_failed_at", "next_attempt_at")
+_QUARANTINE_TABLE = ("id", "last_failed_at", "kind", "ref", "journey_id", "step", "member_id", "status", "attempts",
+                     "error")
+
+
+def write_quarantine(out: IO[str], entries: list[dict[str, Any]], fmt: str) -> int:
+    """The units of work set aside after failing (engine.quarantine), in the log's formats."""
+    records = [{k: _value(e.get(k)) for k in QUARANTINE_FIELDS} for e in entries]
+    if fmt == "jsonl":
+        for item in records:
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=list(QUARANTINE_FIELDS))
+        writer.writeheader()
+        writer.writerows(records)
+    else:
+        lines = [list(_QUARANTINE_TABLE)]
+        for e in entries:
+            cells = []
+            for key in _QUARANTINE_TABLE:
+                value = e.get(key)
+                if isinstance(value, datetime):
+                    value = value.strftime("%Y-%m-%d %H:%M")
+                cells.append("" if value is None else str(value))
+            lines.append(cells)
+        widths = [max(_width(line[i]) for line in lines) for i in range(len(_QUARANTINE_TABLE) - 1)]
+        for line in lines:
+            head = "  ".join(cell + " " * (w - _width(cell)) for cell, w in zip(line, widths, strict=False))
+            out.write(f"{head}  {line[-1]}".rstrip() + "\n")
+    return len(entries)

@@ -201,6 +201,9 @@ class Enrollment(Base):
     waiting_for: Mapped[str | None] = mapped_column(String(64))  # wait until_event: the event type awaited
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_until: Mapped[datetime | None]
+    # Runs of its due step that failed in a row (engine.quarantine): 0 in the common case, so the runner knows
+    # without a query which enrollments have a quarantine entry to settle when their step finally goes through.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     __table_args__ = (
         UniqueConstraint("journey_id", "member_id", "trigger_key"),
@@ -266,6 +269,70 @@ class Message(Base):
         Index("ix_messages_provider_id", "provider_id", sqlite_where=text("provider_id IS NOT NULL"),
               postgresql_where=text("provider_id IS NOT NULL")),
     )
+
+
+class Handover(Base):
+    """Messages a worker has handed to a channel and whose answers it has not recorded yet: one row per worker.
+
+    Written before the channel is called, in the transaction that writes the batch or records the answers of
+    the chunk before; deleted with the last answers. After a crash, the worker's ``sending`` rows of this
+    channel with ids in [first_id, last_id] are the only ones that may have reached the channel: they become
+    ``unknown`` and are reconciled with it. Its other ``sending`` rows were never handed over: they go back to
+    the queue and are sent once.
+    """
+
+    __tablename__ = "handovers"
+
+    worker: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    first_id: Mapped[int] = mapped_column(BigId)
+    last_id: Mapped[int] = mapped_column(BigId)
+    position: Mapped[str | None] = mapped_column(String(200))  # Channel.position() just before the hand-over
+    handed_at: Mapped[datetime]
+
+
+class QuarantineEntry(Base):
+    """A unit of work that failed: retried at later ticks, then quarantined until ``run.py retry``.
+
+    kind: ``enrollment`` (its due step could not be composed or written), ``event`` (matching failed),
+    ``journey`` (its compiled form failed at run time: paused), ``message`` (a queued message could not be
+    prepared for its channel). ref: the unit's id. One row per unit, kept once settled (status resolved or
+    abandoned) as the history of what went wrong.
+    """
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(64))
+    journey_id: Mapped[str | None] = mapped_column(String(64))
+    journey_version: Mapped[int | None] = mapped_column(Integer)
+    member_id: Mapped[str | None] = mapped_column(String(64))
+    step: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # retrying | quarantined | resolved | abandoned
+    error: Mapped[str] = mapped_column(Text)  # one line: what went wrong
+    detail: Mapped[str | None] = mapped_column(Text)  # the traceback, for whoever fixes it
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_failed_at: Mapped[datetime]
+    last_failed_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime | None]  # retrying: the tick that tries again
+    settled_at: Mapped[datetime | None]
+
+    __table_args__ = (UniqueConstraint("kind", "ref"), Index(None, "status"))
+
+
+class TemplateVersion(Base):
+    """Every distinct good version of a template file: a file saved broken keeps its last good version in use."""
+
+    __tablename__ = "template_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String(300))  # under templates/, e.g. zh-CN/winback/first_touch.text.j2
+    checksum: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("path", "checksum"),)
 
 
 class WebhookReceipt(Base):
@@ -347,3 +414,6 @@ suppressions = cast(Table, Suppression.__table__)
 points_ledger = cast(Table, PointsEntry.__table__)
 programme_state = cast(Table, ProgrammeState.__table__)
 webhook_receipts = cast(Table, WebhookReceipt.__table__)
+handovers = cast(Table, Handover.__table__)
+quarantine = cast(Table, QuarantineEntry.__table__)
+template_versions = cast(Table, TemplateVersion.__table__)

@@ -1,13 +1,18 @@
-"""Running enrollments whose next step is due, and delivering their messages.
+"""Running enrollments whose next step is due, and writing their messages.
 
 Per batch: claim due enrollments (lease), walk each one's steps until it waits
 or ends (``engine.composer``; for a large send a second process composes the
 next batch meanwhile, ``engine.pipeline``), then in ONE transaction append the
 message rows (the at-most-once key is written here, before any channel is
-called) and move the enrollments on.
-Only after that commit are the channels called; their answers are recorded in
-a second transaction. A crash in between leaves rows ``sending``, which the
-reaper turns into ``unknown`` — never a second send.
+called), move the enrollments on and record the first hand-over; then
+``engine.delivery`` hands the messages to their channels chunk by chunk. A
+crash leaves ``unknown`` only the rows of the hand-over in progress; the others
+go back to the queue (engine.reconcile) — never a second send.
+
+One enrollment whose step fails (a template that does not render, data that
+breaks a step) is set aside (engine.quarantine) and the batch goes on; if the
+batch's write itself fails because of one enrollment's data, the batch is
+written enrollment by enrollment and the one that fails is set aside.
 """
 
 from __future__ import annotations
@@ -15,28 +20,28 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import random
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, func, select
 
-from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine import audit, queries
-from engine import unsubscribe as unsub
-from engine.composer import RENDERED_KEYS, UNSUBSCRIBE_URL, Composed, Composer, Move
+from engine import quarantine as faults
+from engine.composer import RENDERED_KEYS, Composed, Composer, Move
+from engine.delivery import Delivery
 from engine.member_updates import save_member_updates
-from engine.models import EnrollmentStatus, MessageStatus, members, messages
+from engine.models import EnrollmentStatus, MessageStatus, enrollments, members
 from engine.pipeline import ComposeWorker
+from engine.quarantine import Failure, Kind, is_systemic
 from engine.report import TickReport
-from engine.safety import Rails, Reason, Verdict, add_suppressions
+from engine.safety import Reason
 from engine.versions import LiveJourney, VersionCache, computed_needed
 
 if TYPE_CHECKING:
@@ -44,42 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 5
 PIPELINE_DEPTH = 2  # batches handed to the compose worker at once
 #: a tick on a database with at least this many batches' worth of members starts the compose worker first thing
 EARLY_START_BATCHES = 10
-
-
-def _chunk_size(channel: Channel, lease: timedelta) -> int:
-    """Messages a channel paced at its rate gets through in half a lease (all of them when unpaced)."""
-    limiter = getattr(channel, "limiter", None)
-    rate = getattr(limiter, "rate", None)
-    if not rate:
-        return 10_000
-    return max(1, int(rate * lease.total_seconds() / 2))
 _TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "variant", "waiting_for",
-                       "claimed_by", "claimed_until")
-_RESULT_COLUMNS = ("status", "provider_id", "error", "attempts", "sent_at", "next_attempt_at", "reason", "claimed_by",
-                   "claimed_until", "updated_at")
-
-
-class ResultUpdate(NamedTuple):
-    """What a channel's answer (or a recheck before a deferred send) changes on a message row."""
-
-    id: int
-    status: str
-    provider_id: str | None
-    error: str | None
-    attempts: int
-    sent_at: datetime | None
-    next_attempt_at: datetime | None
-    reason: str | None
-
-
-def _sent(row: Mapping[str, Any], result: SendResult, now: datetime) -> ResultUpdate:
-    """What an accepted message's row becomes."""
-    return ResultUpdate(row["id"], MessageStatus.SENT.value, result.provider_id, result.error,
-                        int(row.get("attempts") or 0) + 1, now, None, row.get("reason"))
+                       "claimed_by", "claimed_until", "failures")
 
 
 _relaxed = 0  # run_due calls inside fewer_collections() in this process (threads may overlap)
@@ -116,12 +90,6 @@ def fewer_collections(young: int = 20_000) -> Iterator[None]:
                 gc.unfreeze()  # every frozen object: nothing else in the engine freezes any
 
 
-def backoff(attempt: int) -> timedelta:
-    """Exponential backoff with full jitter: up to 30 s, 60 s, 120 s … capped at one hour."""
-    ceiling = min(3600.0, 30.0 * (2 ** max(0, attempt - 1)))
-    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
-
-
 class Runner:
     def __init__(self, app: App, worker: str) -> None:
         self.app = app
@@ -132,11 +100,9 @@ class Runner:
         self._compose_worker_failed = False
         self.worker_batches = 0  # batches the compose worker composed for this runner
         self.worker_deferred = 0  # enrollments it left for a later batch (their member's batch was unwritten)
-        self._new_suppressions: list[tuple[str, str, str]] = []
-        # (channel, address) listed from channel answers since the last batch was written: a batch composed
-        # beside that delivery could not see them yet
-        self._listed: set[tuple[str, str]] = set()
         self._live: dict[str, LiveJourney] = {}
+        self.delivery = Delivery(app.store, app.config, worker, app.channel,
+                                 lambda member_id, channel: self.composer.unsubscribe_link(member_id, channel))
 
     @property
     def composer(self) -> Composer:
@@ -147,21 +113,29 @@ class Runner:
     # ------------------------------------------------------------------ enrollments
 
     def run_due(self, now: datetime, live: dict[str, LiveJourney], report: TickReport,
-                stop: Callable[[], bool]) -> None:
+                stop: Callable[[], bool], *, only: Sequence[int] | None = None) -> None:
+        """Run every due enrollment of the running journeys (ONLY: just these ids, once, as `run.py retry`)."""
         running = [j.id for j in live.values() if j.journey.runs]
         self._live = live
         config = self.app.config
         lease = now + timedelta(seconds=config.scheduler.lease_seconds)
         computed = sorted(computed_needed(live.values()))  # loaded with each member, shown to templates
+        remaining = None if only is None else list(only)
 
         def claim() -> list[int]:
+            nonlocal remaining
+            if remaining is not None and not remaining:
+                return []
             with self.app.store.begin() as conn:
-                return queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
-                                                     running)
+                ids = queries.claim_due_enrollments(conn, self.worker, now, lease, config.scheduler.batch_size,
+                                                    running, only=remaining)
+            if remaining is not None:  # each once: what it did not claim now is not due, or not running
+                remaining = []
+            return ids
 
         with self.app.store.checkpointing(), fewer_collections():
             ids = [] if stop() else claim()
-            if ids and len(ids) >= config.scheduler.batch_size:  # more to come: worth a second process
+            if ids and len(ids) >= config.scheduler.batch_size and only is None:  # more to come: a second process
                 worker = self._worker()
                 if worker is not None:
                     ids = self._run_pipelined(worker, ids, claim, now, computed, report, stop)
@@ -265,8 +239,10 @@ class Runner:
                 return []
             number, future, claimed = in_flight.popleft()
             try:
-                composed = future.result()
-            except BrokenProcessPool as exc:
+                composed = future.result(timeout=self._compose_timeout)
+            except (BrokenProcessPool, FutureTimeout) as exc:
+                if isinstance(exc, FutureTimeout):  # alive but stuck, or gone without a word: not waited on for good
+                    exc = FutureTimeout(f"no batch from it within {self._compose_timeout:g}s")
                 return self._worker_failed(exc, [*claimed, *held(), *carry, *pending])
             except BaseException:
                 self._release([*claimed, *held(), *carry, *pending])
@@ -278,8 +254,14 @@ class Runner:
             if not pending:
                 pending = claim()
 
+    @property
+    def _compose_timeout(self) -> float:
+        """How long to wait for a batch from the compose worker before composing it here: half a lease, the time
+        a batch may take before its claims are at risk."""
+        return max(10.0, self.app.config.scheduler.lease_seconds / 2)
+
     def _worker_failed(self, exc: BaseException, claimed: list[int]) -> list[int]:
-        """The worker died: CLAIMED (in the order they were claimed) are composed here instead."""
+        """The worker died or hung: CLAIMED (in the order they were claimed) are composed here instead."""
         log.warning("the compose worker stopped (%s); composing in this process from now on", exc)
         self._compose_worker_failed = True
         if self._compose_worker is not None:
@@ -296,19 +278,28 @@ class Runner:
     def _write_and_deliver(self, composed: Composed, now: datetime, report: TickReport, stop: Callable[[], bool],
                            recheck: bool = False) -> None:
         """Write a composed batch in ONE transaction (message rows with their at-most-once keys, enrollment
-        moves, member updates), then hand its messages to the channels."""
-        app = self.app
-        outgoing = composed.outgoing
+        moves, member updates, the steps that failed, the first hand-over), then deliver its messages."""
         if recheck:
-            self._recheck_listed(outgoing)
-        self._listed = set()
-        with app.store.begin() as conn:
-            inserted = audit.append(conn, app.store.dialect, outgoing)
-            self._save_transitions(conn, composed.moves)
-            if composed.changed:
-                save_member_updates(conn, composed.changed, app.rules().loyalty, now)
+            self._recheck_listed(composed.outgoing)
+        self.delivery.listed = set()
+        handed = True
+        try:
+            with self.app.store.begin() as conn:
+                inserted = self._write(conn, composed, now, report)
+                chunks = self.delivery.plan([r for r in inserted if r["status"] == MessageStatus.SENDING.value])
+                if chunks:
+                    self.delivery.hand_over(conn, chunks[0], now)
+            moves = composed.moves
+        except Exception as exc:
+            if is_systemic(exc):
+                raise
+            log.warning("writing a batch of %d enrollments failed (%s); writing them one by one",
+                        len(composed.moves) + len(composed.failures), faults.describe(exc))
+            inserted, moves = self._write_each(composed, now, report)
+            chunks = self.delivery.plan([r for r in inserted if r["status"] == MessageStatus.SENDING.value])
+            handed = False
         completed, exited = EnrollmentStatus.COMPLETED.value, EnrollmentStatus.EXITED.value
-        for move in composed.moves:
+        for move in moves:
             if move[2] == completed:
                 report.add("completed")
             elif move[2] == exited:
@@ -317,17 +308,77 @@ class Runner:
         for row in inserted:
             if row["status"] != sending:
                 report.add(row["status"])
-        self._deliver([r for r in inserted if r["status"] == sending], now, report, stop)
+        self.delivery.deliver(chunks, now, report, stop, handed=handed)
+
+    def _write(self, conn: Connection, composed: Composed, now: datetime, report: TickReport) -> list[dict[str, Any]]:
+        inserted = audit.append(conn, self.app.store.dialect, composed.outgoing)
+        self._save_transitions(conn, composed.moves)
+        if composed.changed:
+            save_member_updates(conn, composed.changed, self.app.rules().loyalty, now)
+        if composed.failures:
+            self._set_aside(conn, composed.failures, now, report)
+        if composed.recovered:
+            faults.settle(conn, Kind.ENROLLMENT, composed.recovered, now)
+        return inserted
+
+    def _write_each(self, composed: Composed, now: datetime,
+                    report: TickReport) -> tuple[list[dict[str, Any]], list[Move]]:
+        """The batch enrollment by enrollment, each in its own transaction; one whose write fails is set aside.
+        Returns the rows inserted and the moves written."""
+        inserted: list[dict[str, Any]] = []
+        written: list[Move] = []
+        if composed.failures:
+            with self.app.store.begin() as conn:
+                self._set_aside(conn, composed.failures, now, report)
+        rows: dict[int, list[dict[str, Any]]] = {}
+        for row in composed.outgoing:
+            rows.setdefault(row["enrollment_id"], []).append(row)
+        changed = {c[0]["enrollment_id"]: c for c in composed.changed}
+        recovered = set(composed.recovered)
+        for move in composed.moves:
+            enrollment_id = move[0]
+            part = Composed(moves=[move], outgoing=rows.get(enrollment_id, []),
+                            changed=[changed[enrollment_id]] if enrollment_id in changed else [],
+                            recovered=[enrollment_id] if enrollment_id in recovered else [])
+            try:
+                with self.app.store.begin() as conn:
+                    inserted += self._write(conn, part, now, report)
+                written.append(move)
+            except Exception as exc:
+                if is_systemic(exc):
+                    raise
+                log.error("enrollment %s could not be written: %s", enrollment_id, faults.describe(exc))
+                with self.app.store.begin() as conn:
+                    where = conn.execute(select(enrollments.c.journey_id, enrollments.c.journey_version,
+                                                enrollments.c.member_id, enrollments.c.step)
+                                         .where(enrollments.c.id == enrollment_id)).one()
+                    self._set_aside(conn, [Failure.of(exc, Kind.ENROLLMENT, enrollment_id, journey_id=where[0],
+                                                      journey_version=where[1], member_id=where[2],
+                                                      step=where[3])], now, report)
+        return inserted, written
+
+    def _set_aside(self, conn: Connection, failures: Sequence[Failure], now: datetime, report: TickReport) -> None:
+        """Enrollments whose step failed stay at that step: tried again at a later tick, or quarantined."""
+        recorded = faults.record(conn, failures, now)
+        w = queries.BulkWriter(self.app.store.dialect)
+        w.update_by_id(conn, "enrollments", ("next_run_at", "failures", "claimed_by", "claimed_until"), [
+            (w.ts(r.next_attempt_at), r.attempts, None, None, int(r.failure.ref)) for r in recorded])
+        for r in recorded:
+            report.add("quarantined" if r.quarantined else "retrying")
+            report.problems.append(f"journey {r.failure.journey_id} step {r.failure.step}, member "
+                                   f"{r.failure.member_id}: {r.failure.error}"
+                                   + (" (quarantined: run.py retry after a fix)" if r.quarantined else
+                                      f" (tried again at {r.next_attempt_at:%Y-%m-%d %H:%M} UTC)"))
 
     def _recheck_listed(self, rows: list[dict[str, Any]]) -> None:
         """Suppress messages to addresses that channel answers put on the suppression list while this batch was
         being composed, as the rails would have had they seen the list then."""
-        if not self._listed:
+        if not self.delivery.listed:
             return
         going = (MessageStatus.SENDING.value, MessageStatus.QUEUED.value)
         for row in rows:
             channel = row["channel"]
-            if row["status"] in going and (channel, row["recipient"]) in self._listed:
+            if row["status"] in going and (channel, row["recipient"]) in self.delivery.listed:
                 for key in RENDERED_KEYS:
                     row[key] = None
                 row.update(status=MessageStatus.SUPPRESSED.value, reason=Reason.SUPPRESSED_ADDRESS,
@@ -337,160 +388,12 @@ class Runner:
     def _save_transitions(self, conn: Connection, moves: Sequence[Move]) -> None:
         w = queries.BulkWriter(self.app.store.dialect)
         w.update_by_id(conn, "enrollments", _TRANSITION_COLUMNS, [
-            (step, status, w.ts(next_run_at), w.ts(ended_at), exit_reason, variant, waiting_for, None, None,
+            (step, status, w.ts(next_run_at), w.ts(ended_at), exit_reason, variant, waiting_for, None, None, 0,
              enrollment_id)
             for enrollment_id, step, status, next_run_at, ended_at, exit_reason, variant, waiting_for in moves])
 
-    # ------------------------------------------------------------------ delivery
-
-    def _deliver(self, rows: list[dict[str, Any]], now: datetime, report: TickReport,
-                 stop: Callable[[], bool] = lambda: False) -> None:
-        """Hand rows to their channels in chunks a paced channel gets through well within the lease.
-
-        After each chunk its answers are recorded and the lease of the rows still waiting is extended, so a
-        slow, rate-limited provider never lets another daemon's reaper mark them unknown. On a stop request
-        the rows not yet handed over go back to ``queued``: they were never attempted, so nothing is lost.
-        """
-        started = time.monotonic()
-        lease = timedelta(seconds=self.app.config.scheduler.lease_seconds)
-        pending = list(rows)
-        by_channel: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_channel.setdefault(row["channel"], []).append(row)
-        for channel_name, group in by_channel.items():
-            channel = self.app.channel(channel_name)
-            size = _chunk_size(channel, lease)
-            for start in range(0, len(group), size):
-                if stop():
-                    self._requeue(pending, now)
-                    return
-                chunk = group[start:start + size]
-                results = self._send(channel, [self._outgoing(r) for r in chunk])
-                if all(result.outcome is Outcome.SENT for result in results):  # the common answer, recorded in bulk
-                    updates = [_sent(row, result, now) for row, result in zip(chunk, results, strict=True)]
-                    report.add(MessageStatus.SENT.value, len(updates))
-                else:
-                    updates = [self._result_update(row, result, now, report)
-                               for row, result in zip(chunk, results, strict=True)]
-                if len(chunk) == len(pending):
-                    pending = []
-                else:
-                    done = {row["id"] for row in chunk}
-                    pending = [row for row in pending if row["id"] not in done]
-                clock = now + timedelta(seconds=time.monotonic() - started)
-                with self.app.store.begin() as conn:
-                    self._save_results(conn, updates, now)
-                    if pending:
-                        queries.extend_message_leases(conn, [r["id"] for r in pending], self.worker, clock + lease)
-
-    def _requeue(self, rows: list[dict[str, Any]], now: datetime) -> None:
-        if rows:
-            with self.app.store.begin() as conn:
-                queries.requeue_messages(conn, [r["id"] for r in rows], self.worker, now)
-
-    def _outgoing(self, row: Mapping[str, Any]) -> OutgoingMessage:
-        headers: dict[str, str] = {}
-        if row["channel"] == "email":
-            link = row.get(UNSUBSCRIBE_URL) or self.composer.unsubscribe_link(row["member_id"], "email")
-            headers = unsub.headers(link)
-        return OutgoingMessage(id=row["id"], channel=row["channel"], recipient=row["recipient"], text=row["body"],
-                               member_id=row["member_id"], journey=row["journey"], step=row["step"],
-                               subject=row.get("subject"), html=row.get("html"), headers=headers)
-
-    def _send(self, channel: Channel, outgoing: list[OutgoingMessage]) -> list[SendResult]:
-        try:
-            results = channel.send_batch(outgoing)
-        except Exception as exc:
-            log.exception("channel %s failed for a whole batch", channel.provider)
-            return [SendResult(Outcome.PERMANENT, error=f"unknown: channel error {exc!r}") for _ in outgoing]
-        if len(results) != len(outgoing):
-            return [SendResult(Outcome.PERMANENT, error="unknown: channel returned the wrong number of results")
-                    for _ in outgoing]
-        return results
-
-    def _result_update(self, row: Mapping[str, Any], result: SendResult, now: datetime,
-                       report: TickReport) -> ResultUpdate:
-        attempts = int(row.get("attempts") or 0) + 1
-        if result.sent:
-            update = _sent(row, result, now)
-        elif result.suppress_reason:
-            update = ResultUpdate(row["id"], MessageStatus.SUPPRESSED.value, result.provider_id, result.error,
-                                  attempts, None, None, result.suppress_reason)
-            self._new_suppressions.append((row["channel"], row["recipient"], result.suppress_reason))
-        elif result.error and result.error.startswith("unknown:"):
-            update = ResultUpdate(row["id"], MessageStatus.UNKNOWN.value, result.provider_id, result.error, attempts,
-                                  None, None, row.get("reason"))
-        elif result.outcome is Outcome.TRANSIENT and attempts < self._max_attempts(row["channel"]):
-            delay = timedelta(seconds=result.retry_after) if result.retry_after else backoff(attempts)
-            update = ResultUpdate(row["id"], MessageStatus.QUEUED.value, result.provider_id, result.error, attempts,
-                                  None, now + delay, "retry")
-        elif result.outcome is Outcome.TRANSIENT:
-            update = ResultUpdate(row["id"], MessageStatus.FAILED.value, result.provider_id,
-                                  f"gave up after {attempts} attempts: {result.error}", attempts, None, None,
-                                  row.get("reason"))
-        else:
-            update = ResultUpdate(row["id"], MessageStatus.FAILED.value, result.provider_id, result.error, attempts,
-                                  None, None, row.get("reason"))
-        report.add(update.status)
-        return update
-
-    def _max_attempts(self, channel: str) -> int:
-        settings = getattr(self.app.config.channels, channel, None)
-        return int(settings.max_attempts) if settings is not None else MAX_ATTEMPTS
-
-    def _save_results(self, conn: Connection, updates: Sequence[ResultUpdate], now: datetime) -> None:
-        if self._new_suppressions:
-            add_suppressions(conn, self.app.store.dialect, self._new_suppressions, "provider", now)
-            self._listed.update((channel, address) for channel, address, _ in self._new_suppressions)
-            self._new_suppressions = []
-        w = queries.BulkWriter(self.app.store.dialect)
-        stamp = w.ts(now)
-        w.update_by_id(conn, "messages", _RESULT_COLUMNS, [
-            (u.status, u.provider_id, u.error, u.attempts, w.ts(u.sent_at), w.ts(u.next_attempt_at), u.reason,
-             None, None, stamp, u.id) for u in updates],
-            # A provider's webhook may already have moved the row on (delivered): never overwrite that.
-            only_if="status = 'sending'")
-
     # ------------------------------------------------------------------ queued messages (deferred, retries)
 
-    def dispatch_queued(self, now: datetime, report: TickReport, stop: Callable[[], bool]) -> None:
-        config = self.app.config
-        lease = now + timedelta(seconds=config.scheduler.lease_seconds)
-        while not stop():
-            with self.app.store.begin() as conn:
-                ids = queries.claim_queued_messages(conn, self.worker, now, lease, config.scheduler.batch_size)
-            if not ids:
-                return
-            with self.app.store.connect() as conn:
-                rows = [dict(r) for r in conn.execute(
-                    select(messages, members.c.email_opt_in, members.c.sms_opt_in, members.c.email.label("m_email"),
-                           members.c.phone.label("m_phone"))
-                    .select_from(messages.join(members, members.c.id == messages.c.member_id))
-                    .where(messages.c.id.in_(ids))).mappings()]
-                rails = Rails(config)
-                rails.prepare(conn, [{"id": r["member_id"], "email": r["m_email"], "phone": r["m_phone"]}
-                                     for r in rows], now)
-            ready: list[tuple[dict[str, Any], Verdict | None]] = []
-            blocked: list[tuple[dict[str, Any], Verdict | None]] = []
-            for row in rows:
-                verdict = self._recheck(row, rails)
-                (ready if verdict is None else blocked).append((row, verdict))
-            if blocked:
-                with self.app.store.begin() as conn:
-                    self._save_results(conn, [
-                        ResultUpdate(r["id"], v.status.value, None, v.error, r["attempts"], None, None, v.reason)
-                        for r, v in blocked if v is not None], now)
-                    report.add("suppressed", len(blocked))
-            self._deliver([r for r, _ in ready], now, report, stop)
-
-    def _recheck(self, row: Mapping[str, Any], rails: Rails) -> Verdict | None:
-        """Consent can be withdrawn while a message waits: check it again before it goes."""
-        channel = row["channel"]
-        opted = row["email_opt_in"] if channel == "email" else row["sms_opt_in"]
-        if not opted:
-            return Verdict(MessageStatus.SUPPRESSED, Reason.CONSENT,
-                           f"member withdrew {channel} consent before the deferred message went out")
-        if (channel, row["recipient"]) in rails.suppressed:
-            return Verdict(MessageStatus.SUPPRESSED, Reason.SUPPRESSED_ADDRESS,
-                           f"{channel} address was added to the suppression list")
-        return None
+    def dispatch_queued(self, now: datetime, report: TickReport, stop: Callable[[], bool], *,
+                        only: Sequence[int] | None = None) -> None:
+        self.delivery.dispatch_queued(now, report, stop, only=only)

@@ -135,6 +135,12 @@ class Store:
         handle.flush()
         self._lock_file = handle
 
+    @property
+    def holds_process_lock(self) -> bool:
+        """Whether this process holds the SQLite file's engine lock: then no other engine process runs on it, and
+        any claim another worker holds belongs to a process that is gone."""
+        return self._lock_file is not None
+
     def release_process_lock(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)

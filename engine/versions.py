@@ -16,6 +16,7 @@ from sqlalchemy import Connection, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.conditions import Condition, computed_names
+from engine.exceptions import EngineError
 from engine.journey import Journey
 from engine.models import journey_state, journey_versions
 from engine.rulebook import Rulebook, journey_conditions, journey_from_definition, snapshot, stored_segments
@@ -44,6 +45,10 @@ def computed_needed(journeys: Iterable[LiveJourney]) -> set[str]:
     return needed
 
 
+class VersionUnreadable(EngineError):
+    """A stored journey version could not be rebuilt (a bug, or a database edited by hand)."""
+
+
 class VersionCache:
     """Parsed stored versions, by (journey id, version); versions never change once stored."""
 
@@ -51,14 +56,21 @@ class VersionCache:
         self._cache: dict[tuple[str, int], LiveJourney] = {}
 
     def get(self, conn: Connection, journey_id: str, version: int) -> LiveJourney | None:
+        """The stored version; None if there is none. VersionUnreadable if it is there but cannot be rebuilt: the
+        caller sets aside what depends on it, never treats it as missing (that would end its members' journeys)."""
         key = (journey_id, version)
         if key not in self._cache:
             row = conn.execute(select(journey_versions.c.definition, journey_versions.c.source_path).where(
                 journey_versions.c.journey_id == journey_id, journey_versions.c.version == version)).first()
             if row is None:
                 return None
-            journey = journey_from_definition(row.definition, row.source_path)
-            self._cache[key] = LiveJourney(journey, version, stored_segments(row.definition), from_file=False)
+            try:
+                journey = journey_from_definition(row.definition, row.source_path)
+                segments = stored_segments(row.definition)
+            except Exception as exc:
+                raise VersionUnreadable(f"journey {journey_id} version {version} (from {row.source_path}) cannot be "
+                                        f"read back from the database: {type(exc).__name__}: {exc}") from exc
+            self._cache[key] = LiveJourney(journey, version, segments, from_file=False)
         return self._cache[key]
 
     def put(self, live: LiveJourney) -> None:

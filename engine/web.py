@@ -43,10 +43,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import webhooks
 from engine.app import App
 from engine.exceptions import RulesError
+from engine.health import HealthCollector, TickHealth
 from engine.ingest import BATCH, ImportReport, RowError, parse_member
 from engine.ingest import upsert_members as upsert
 from engine.loyalty import Loyalty
 from engine.models import enrollments, events, members, messages
+from engine.quarantine import open_counts
 from engine.recorder import EventRecorder, NewEvent, parse_event
 from engine.store import Store
 from engine.unsubscribe import read_token
@@ -160,6 +162,16 @@ class DatabaseCollector:
         unhandled = conn.execute(select(func.count()).select_from(events).where(events.c.handled_at.is_(None)))
         yield GaugeMetricFamily("engine_events_unhandled", "Events recorded but not yet seen by a tick",
                                 value=unhandled.scalar_one())
+        unknown = conn.execute(select(func.count()).select_from(messages)
+                               .where(messages.c.status == literal_column("'unknown'")))
+        yield GaugeMetricFamily("engine_messages_unknown", "Messages in doubt: handed to a channel, answer not "
+                                "known; reconciliation settles them", value=unknown.scalar_one())
+        quarantined = GaugeMetricFamily("engine_quarantined", "Units of work set aside after failing, by journey, "
+                                        "kind (enrollment, event, journey, message) and status (retrying, "
+                                        "quarantined)", labels=["journey", "kind", "status"])
+        for (journey, kind, status), count in sorted(open_counts(conn).items()):
+            quarantined.add_metric([journey, kind, status], count)
+        yield quarantined
 
 
 class Metrics:
@@ -202,9 +214,11 @@ class CountRequests:
 
 
 class Service:
-    def __init__(self, app: App, clock: Callable[[], datetime]) -> None:
-        self.app, self.clock = app, clock
+    def __init__(self, app: App, clock: Callable[[], datetime], health: TickHealth | None = None) -> None:
+        self.app, self.clock, self.health = app, clock, health
         self.metrics = Metrics(app.store)
+        if health is not None:
+            self.metrics.registry.register(HealthCollector(health))
         self._sendgrid: EventWebhook | None = None
         self._rules_lock = threading.Lock()
 
@@ -308,16 +322,25 @@ class Service:
     # ------------------------------------------------------------------ health and metrics
 
     async def healthz(self, _request: Request) -> Response:
+        """200 when the database answers and, inside a daemon, its ticks succeed; 503 with the reasons when not:
+        the last tick failed, none has succeeded for three intervals, or quarantined work is growing."""
         def ping() -> None:
             with self.app.store.connect() as conn:
                 conn.execute(text("SELECT 1"))
 
+        body: dict[str, Any] = {"status": "ok", "database": self.app.store.dialect}
+        problems: list[str] = []
         try:
             await run_in_threadpool(ping)
         except SQLAlchemyError as exc:
-            return JSONResponse({"status": "error", "database": self.app.store.dialect,
-                                 "error": f"database unreachable: {exc.__class__.__name__}"}, 503)
-        return JSONResponse({"status": "ok", "database": self.app.store.dialect})
+            problems.append(f"database unreachable: {exc.__class__.__name__}")
+        if self.health is not None:
+            problems += self.health.problems(datetime.now(UTC))
+            body["ticks"] = self.health.snapshot()
+        if problems:
+            body.update(status="error", error=problems[0], problems=problems)
+            return JSONResponse(body, 503)
+        return JSONResponse(body)
 
     async def metrics_page(self, _request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, self.metrics.registry)
@@ -454,9 +477,10 @@ def _routes(service: Service) -> Iterable[Route]:
     yield Route("/unsubscribe/{token}", service.unsubscribe, methods=["POST"])
 
 
-def create_app(app: App, *, clock: Callable[[], datetime] | None = None) -> Starlette:
-    """The ASGI application for APP; CLOCK (default: the wall clock) is for tests and replays of time."""
-    service = Service(app, clock or (lambda: datetime.now(UTC)))
+def create_app(app: App, *, clock: Callable[[], datetime] | None = None, health: TickHealth | None = None) -> Starlette:
+    """The ASGI application for APP; CLOCK (default: the wall clock) is for tests and replays of time; HEALTH: the
+    daemon's tick record when the service runs inside `serve` (then /healthz reports on the ticks too)."""
+    service = Service(app, clock or (lambda: datetime.now(UTC)), health)
     web = Starlette(routes=list(_routes(service)), exception_handlers={WebError: _web_error},
                     middleware=[Middleware(CountRequests, counter=service.metrics.requests)])
     web.state.service = service

@@ -312,7 +312,14 @@ def _sendgrid_event(conn: Connection, dialect: str, item: dict[str, Any], now: d
     if kind == "delivered":
         if message is None:
             return "unknown"
-        return "applied" if apply_status(conn, message.id, MessageStatus.DELIVERED, now) else "unchanged"
+        return "applied" if apply_status(conn, message.id, MessageStatus.DELIVERED, now,
+                                         provider_id=x_message_id) else "unchanged"
+    if kind in ("processed", "deferred"):
+        # SendGrid has accepted it: settles a message whose answer never came (a timeout, a crash: unknown).
+        if message is None:
+            return "unknown"
+        return "applied" if apply_status(conn, message.id, MessageStatus.SENT, now,
+                                         provider_id=x_message_id) else "unchanged"
     if kind in ("bounce", "dropped"):
         reason = str(item.get("reason") or item.get("status") or kind)
         if kind == "bounce" and item.get("type") == "blocked":
@@ -339,7 +346,7 @@ def _sendgrid_event(conn: Connection, dialect: str, item: dict[str, Any], now: d
         recorded = record_event(conn, who, f"email_{'opened' if kind == 'open' else 'clicked'}", props,
                                 _instant(item.get("timestamp"), now), "sendgrid", now)
         return "applied" if recorded else "unknown"
-    return "ignored"  # processed, deferred: the log already says as much
+    return "ignored"
 
 
 # --------------------------------------------------------------------------- unsubscribe links

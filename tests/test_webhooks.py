@@ -340,8 +340,23 @@ def email_event(harness: Harness, kind: str, event_id: str, **extra: Any) -> dic
 def test_delivered_marks_the_email_delivered(service: tuple[Harness, TestClient, Clock]) -> None:
     harness, client, _ = service
     answer = sendgrid(client, [email_event(harness, "processed", "e0"), email_event(harness, "delivered", "e1")])
-    assert answer.status_code == 200 and answer.json() == {"ignored": 1, "applied": 1}
+    assert answer.status_code == 200 and answer.json() == {"unchanged": 1, "applied": 1}  # processed: it was sent
     assert row(harness, "birthday_email")["status"] == "delivered"
+
+
+def test_processed_settles_an_email_whose_answer_never_came(service: tuple[Harness, TestClient, Clock]) -> None:
+    """A timeout (or a crash) left the row unknown without SendGrid's id: its event webhook, which carries our
+    message id, says it was accepted, and the row becomes sent with SendGrid's id."""
+    harness, client, _ = service
+    email = row(harness, "birthday_email")
+    with harness.app.store.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id == email["id"])
+                     .values(status="unknown", provider_id=None, sent_at=None))
+    event = {**email_event(harness, "processed", "e0"), "sg_message_id": "Xq9Yabc.filterdrecv-1",
+             "engine_message_id": str(email["id"])}
+    assert sendgrid(client, [event]).json() == {"applied": 1}
+    settled = row(harness, "birthday_email")
+    assert (settled["status"], settled["provider_id"]) == ("sent", "Xq9Yabc") and settled["sent_at"] is not None
 
 
 def test_our_custom_arg_finds_the_message_without_the_provider_id(service: tuple[Harness, TestClient, Clock]) -> None:
