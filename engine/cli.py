@@ -461,14 +461,15 @@ def _reconcile_only(app: Any, now: datetime) -> Any:
               "--status quarantined`)")
 @click.option("--abandon", is_flag=True, help="give the units up instead: an enrollment leaves its journey (its "
               "message logged failed), a message is logged failed, an event is closed")
+@click.option("--now", "now_text", default=None, help="the clock for the run (ISO 8601; default now)")
 @click.pass_obj
 @handle_errors
 def retry(obj: Ctx, journey: str | None, member: str | None, kind: str | None, entry_ids: tuple[int, ...],
-          abandon: bool) -> None:
+          abandon: bool, now_text: str | None) -> None:
     """Run quarantined work again after a fix (each unit once more), or give it up with --abandon."""
     from engine import retry as retry_ops
 
-    now = datetime.now(UTC)
+    now = instant(now_text, "--now") or datetime.now(UTC)
     app = obj.app()
     try:
         with app.store.connect() as conn:

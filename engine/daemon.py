@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -131,17 +131,19 @@ class WebThread:
 
 
 class Daemon:
-    def __init__(self, app: App, web: WebThread | None = None, health: TickHealth | None = None) -> None:
+    def __init__(self, app: App, web: WebThread | None = None, health: TickHealth | None = None, *,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.app = app
         self.web = web
-        self.health = health or TickHealth(app.config.scheduler.interval, datetime.now(UTC), app.reconciled)
+        self.clock = clock  # the wall clock; tests pass their own
+        self.health = health or TickHealth(app.config.scheduler.interval, clock(), app.reconciled)
         if web is not None:
             web.health = self.health
         self.stopping = threading.Event()
         self.ticks = 0
 
     def tick(self) -> None:
-        now = datetime.now(UTC)
+        now = self.clock()
         started = time.monotonic()
         try:
             report = self.app.tick(now, stop=self.stopping.is_set)

@@ -115,15 +115,16 @@ def _watch_parent(parent: int) -> None:
     (seen: 105 of 112 workers outlived a kill -9 of their daemon). When the parent dies this process is
     re-parented, and os.getppid() changes.
     """
-    while True:
+    while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
-        if os.getppid() != parent:
-            os._exit(0)  # no clean-up to do: it writes nothing, and the OS closes its connection
+    os._exit(0)  # no clean-up to do: it writes nothing, and the OS closes its connection
 
 
-def _start(config: Config, secret: bytes, worker: str) -> None:
+def _start(config: Config, secret: bytes, worker: str, parent: int) -> None:
+    """The worker's start-up; PARENT: the daemon's process id, as the daemon saw it (not os.getppid() here: a
+    daemon that dies while this process is still starting up would leave it watching its new parent)."""
     global _worker
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     # Ctrl-C and a SIGTERM to the whole process group are the daemon's to handle: it finishes or gives back the
     # batch in hand and then closes this worker. Left to their defaults they would kill the worker mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,7 +156,7 @@ class ComposeWorker:
 
     def __init__(self, config: Config, secret: bytes, worker: str) -> None:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(config, secret, worker))
+                                         initializer=_start, initargs=(config, secret, worker, os.getpid()))
         self._session: Session | None = None
         self._sent_session: int | None = None
         self._number = 0

@@ -335,7 +335,7 @@ class Service:
         except SQLAlchemyError as exc:
             problems.append(f"database unreachable: {exc.__class__.__name__}")
         if self.health is not None:
-            problems += self.health.problems(datetime.now(UTC))
+            problems += self.health.problems(self.clock())
             body["ticks"] = self.health.snapshot()
         if problems:
             body.update(status="error", error=problems[0], problems=problems)
