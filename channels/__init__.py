@@ -2,6 +2,11 @@
 
 Provider adapters (channels.twilio, channels.sendgrid) share the pacing here: a batch goes out through a
 small thread pool, every request first takes its tokens from one token bucket per channel instance.
+
+Their answers are classified the same way: TRANSIENT only when nothing can have reached the provider (a refusal:
+429, 5xx, connection refused, a DNS failure, a connect timeout), UNCERTAIN when the request may have been acted on
+(a timeout or a closed connection after it was written, an answer we cannot read, any surprise): the engine then
+records the row as ``unknown`` and asks Channel.reconcile() before anything is sent again.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from channels.base import Channel, Outcome, OutgoingMessage, SendResult
+from channels.base import Channel, Found, InDoubt, Outcome, OutgoingMessage, Reconciled, SendResult
 from channels.local import ConsoleChannel, OutboxChannel
 
 if TYPE_CHECKING:
     from engine.config import ChannelConfig, Config
 
-__all__ = ["Channel", "Outcome", "OutgoingMessage", "PacedChannel", "SendResult", "TokenBucket", "build_channel",
-           "describe_network_error", "parse_retry_after"]
+__all__ = ["Channel", "Found", "InDoubt", "Outcome", "OutgoingMessage", "PacedChannel", "Reconciled", "SendResult",
+           "TokenBucket", "build_channel", "causes", "describe_network_error", "one_line", "parse_retry_after"]
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +90,60 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+def causes(exc: BaseException, *, chained: bool = True) -> list[BaseException]:
+    """EXC and what it wraps, outermost first: ``.reason`` (urllib, urllib3), else an exception among its args
+    (requests, urllib3's ProtocolError), else (CHAINED) ``__cause__``. Bounded: a cycle cannot loop."""
+    chain = [exc]
+    for _ in range(8):
+        current = chain[-1]
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in reversed(current.args) if isinstance(a, BaseException)), None)
+        if inner is None and chained:
+            inner = current.__cause__
+        if inner is None or any(inner is seen for seen in chain):
+            break
+        chain.append(inner)
+    return chain
+
+
+def one_line(text: str) -> str:
+    """TEXT with its line breaks and runs of spaces folded: log rows and error columns hold one line."""
+    return " ".join(text.split())
+
+
 def describe_network_error(exc: BaseException) -> str:
     """The innermost cause of a network failure, e.g. ``RemoteDisconnected: Remote end closed connection``.
 
     requests wraps a dropped connection three deep (ConnectionError > MaxRetryError > ProtocolError), and its
     outer text ("Max retries exceeded") misleads an operator: no client here retries.
     """
-    current: BaseException = exc
-    for _ in range(6):
-        inner = getattr(current, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = next((a for a in reversed(current.args) if isinstance(a, BaseException)), None)
-        if inner is None:
-            break
-        current = inner
-    text = str(current) or type(current).__name__
+    current = causes(exc, chained=False)[-1]
+    text = one_line(str(current)) or type(current).__name__
     return text if text.startswith(type(current).__name__) else f"{type(current).__name__}: {text}"
 
 
 class PacedChannel(Channel):
     """Base of the provider adapters: concurrent, rate-limited, one classified result per message in order."""
 
-    def __init__(self, *, concurrency: int, limiter: TokenBucket | None) -> None:
+    #: config.yaml's defaults (ChannelConfig.in_flight, .reconcile_after), for adapters built without config
+    in_flight: int | None = 100
+    reconcile_after: float = 60.0
+
+    def __init__(self, *, concurrency: int, limiter: TokenBucket | None, in_flight: int | None = None,
+                 reconcile_after: float | None = None) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got: {concurrency!r}")
+        if in_flight is not None and in_flight < concurrency:
+            raise ValueError(f"in_flight must be at least concurrency ({concurrency}), got: {in_flight!r}")
+        if reconcile_after is not None and reconcile_after < 0:
+            raise ValueError(f"reconcile_after must be 0 or more seconds, got: {reconcile_after!r}")
         self.concurrency = concurrency
         self.limiter = limiter
+        if in_flight is not None:
+            self.in_flight = in_flight
+        if reconcile_after is not None:
+            self.reconcile_after = float(reconcile_after)
 
     @abc.abstractmethod
     def send_one(self, message: OutgoingMessage) -> SendResult:
@@ -139,10 +172,12 @@ class PacedChannel(Channel):
         try:
             return self.send_one(message)
         except Exception as exc:  # one message's surprise must not sink the rest of the batch
-            # Nobody knows whether the provider acted on the request: "unknown:" makes the runner record the
-            # row as unknown for an operator instead of retrying it into a possible double send.
+            # Nobody knows whether the provider acted on the request: UNCERTAIN makes the row ``unknown`` and
+            # reconciled, where a retry could send it twice.
             log.exception("%s: unexpected error sending message %s", self.provider, message.id)
-            return SendResult(Outcome.PERMANENT, error=f"unknown: {self.provider} raised {exc!r}")
+            return SendResult(Outcome.UNCERTAIN, error=one_line(
+                f"{self.provider}: unexpected {type(exc).__name__} while sending ({exc}); the request may have "
+                "reached the provider: reconciling before any retry"))
 
 
 def _require(channel: str, settings: ChannelConfig, *keys: str) -> None:

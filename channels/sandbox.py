@@ -2,9 +2,22 @@
 
 Tests point the real adapters (and so the real ``twilio`` and ``sendgrid`` clients) at them; ops can point
 config.yaml at them with ``python -m channels.sandbox``. Each runs a threaded HTTP server on 127.0.0.1,
-records what it accepted, can fail on purpose (a seeded share of 429 / 500 / slow answers / dropped
-connections, or permanent errors for chosen recipients) and can post signed delivery callbacks the way the
-providers do: Twilio's form posts signed with X-Twilio-Signature, SendGrid's event batches signed with ECDSA.
+records what it accepted (and counts what it accepted twice: duplicates()), can fail on purpose (a seeded share
+of 429 / 500 / slow answers / dropped or lost connections, or permanent errors for chosen recipients) and can
+post signed delivery callbacks the way the providers do: Twilio's form posts signed with X-Twilio-Signature,
+SendGrid's event batches signed with ECDSA. The Twilio one also answers look-ups (GET Messages.json, paged as
+Twilio pages, and GET Messages/{Sid}.json), which is how the adapter reconciles a message in doubt.
+
+Faults, and what the client sees:
+
+    429, 500  refused before any processing: an error answer
+    drop      closed without processing and without an answer (the client reads "connection closed")
+    slow      processed (accepted and recorded) at once, answered only after slow_seconds: a client that times
+              out first leaves behind a message that exists at the provider
+    lost      processed, then the connection is reset without an answer (the client reads "connection reset")
+
+A client cannot tell drop from lost, nor a slow answer from one that never comes: all three are "the request
+was written and no answer came", and only a look-up (or a callback) says whether the provider has the message.
 """
 
 from __future__ import annotations
@@ -19,16 +32,19 @@ import logging
 import random
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from email.message import Message
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
+from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import Any, Self
@@ -42,7 +58,7 @@ from engine.sms import segments
 
 log = logging.getLogger(__name__)
 
-KINDS = ("ok", "429", "500", "slow", "drop")
+KINDS = ("ok", "429", "500", "slow", "drop", "lost")
 TWILIO_STATUS_PATH = "/webhooks/twilio/status"
 SENDGRID_EVENTS_PATH = "/webhooks/sendgrid/events"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
@@ -57,23 +73,39 @@ class Faults:
 
     too_many: float = 0.0  # 429 with Retry-After
     server_error: float = 0.0  # 500
-    slow: float = 0.0  # answer only after slow_seconds: longer than the client's timeout
-    drop: float = 0.0  # close the connection without any answer
+    slow: float = 0.0  # process at once, answer only after slow_seconds: longer than the client's timeout
+    drop: float = 0.0  # close the connection without processing and without any answer
+    lost: float = 0.0  # process, then reset the connection without any answer
     slow_seconds: float = 2.0
     retry_after: int = 1
 
     def __post_init__(self) -> None:
-        shares = (self.too_many, self.server_error, self.slow, self.drop)
+        shares = self.shares
         if any(not 0 <= s <= 1 for s in shares) or sum(shares) > 1:
-            raise ValueError(f"fault shares must each be within 0..1 and add up to at most 1, got: {shares}")
+            named = ", ".join(f"{kind} {share:g}" for kind, share in zip(KINDS[1:], shares, strict=True))
+            raise ValueError(f"fault shares must each be within 0..1 and add up to at most 1, got: {named}")
+        if self.slow_seconds < 0:
+            raise ValueError(f"slow_seconds must be 0 or more, got: {self.slow_seconds}")
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """The share of each fault kind, in KINDS[1:] order."""
+        return (self.too_many, self.server_error, self.slow, self.drop, self.lost)
 
     def draw(self, rng: random.Random) -> str:
         point = rng.random()
-        for kind, share in zip(KINDS[1:], (self.too_many, self.server_error, self.slow, self.drop), strict=True):
+        for kind, share in zip(KINDS[1:], self.shares, strict=True):
             if point < share:
                 return kind
             point -= share
         return "ok"
+
+
+class Hangup(Enum):
+    """An end of the connection instead of an answer."""
+
+    CLOSE = "close"  # an orderly close (FIN) with no status line: the client reads "connection closed"
+    RESET = "reset"  # a reset (RST, SO_LINGER 0): the client reads "connection reset by peer"
 
 
 @dataclass(frozen=True)
@@ -153,8 +185,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         reply = self.server.sandbox.handle(self.command, self.path, self.headers, body)
-        if reply is None:  # a dropped connection: no status line at all
+        if isinstance(reply, Hangup):  # no status line at all
             self.close_connection = True
+            if reply is Hangup.RESET:
+                # Linger 0: closing sends RST instead of FIN. The socket really closes when finish() lets go of
+                # rfile, before the server's own shutdown (which would send a FIN first).
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
             return
         self.send_response(reply.status)
         for key, value in reply.headers.items():
@@ -163,7 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(reply.body)
 
-    do_GET = do_POST  # answered with the provider's 404
+    do_GET = do_POST  # the stand-in's route() tells the methods apart, as the provider would
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("sandbox %s: " + format, self.server.sandbox.name, *args)
@@ -231,7 +268,8 @@ class Sandbox:
     # ------------------------------------------------------------------ requests
 
     def fail_next(self, *kinds: str) -> None:
-        """Answer the next requests this way, in order ("ok", "429", "500", "slow", "drop"), before drawing."""
+        """Answer the next requests this way, in order ("ok", "429", "500", "slow", "drop", "lost"), before
+        drawing. Look-ups count as requests too."""
         unknown = [k for k in kinds if k not in KINDS]
         if unknown:
             raise ValueError(f"fault kinds must be among {', '.join(KINDS)}, got: {unknown}")
@@ -242,16 +280,31 @@ class Sandbox:
         with self.lock:
             return list(self.received)
 
-    def handle(self, method: str, path: str, headers: Message, body: bytes) -> Reply | None:
-        """The answer to one request; None = drop the connection."""
+    def message_id(self, record: dict[str, Any]) -> int | None:
+        """Our message id (the engine's log row) that an accepted RECORD carries, if any."""
+        return None
+
+    def duplicates(self) -> dict[int, int]:
+        """{our message id: times accepted} for every id accepted more than once: double sends, as the
+        provider (and so the member) saw them."""
+        counts = Counter(i for i in map(self.message_id, self.messages()) if i is not None)
+        return {i: n for i, n in counts.items() if n > 1}
+
+    def handle(self, method: str, path: str, headers: Message, body: bytes) -> Reply | Hangup:
+        """The answer to one request, or how the connection ends without one."""
         with self.lock:
             self.attempts += 1
             kind = self._script.popleft() if self._script else self.faults.draw(self._rng)
-        if kind == "drop" or (kind == "slow" and self._stopping.wait(self.faults.slow_seconds)):
-            return None
+        if kind == "drop":
+            return Hangup.CLOSE
         if kind in ("429", "500"):
             return self.fault(int(kind))
-        return self.route(method, path, headers, body)
+        reply = self.route(method, path, headers, body)  # processed: a valid message is accepted and recorded
+        if kind == "lost":
+            return Hangup.RESET
+        if kind == "slow" and self._stopping.wait(self.faults.slow_seconds):
+            return Hangup.CLOSE  # stopping: no answer at all
+        return reply
 
     def route(self, method: str, path: str, headers: Message, body: bytes) -> Reply:
         """The provider's answer to a request that no fault intercepted."""
@@ -296,8 +349,14 @@ def _error_status(code: int) -> int:
     return {20003: 401, 20404: 404, 20429: 429, 20500: 500}.get(code, 400)
 
 
+_MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/([^/]+)/Messages(?:/([^/]+))?\.json")
+_LIST_FILTERS = ("To", "From", "DateSent", "DateSent<", "DateSent>")
+_MAX_PAGE_SIZE = 1000  # Twilio's
+
+
 class TwilioSandbox(Sandbox):
-    """POST /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, HTTP Basic auth, answers like Twilio's."""
+    """POST /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, HTTP Basic auth, answers like Twilio's; GET
+    Messages.json (To, From, DateSent filters; newest first; Twilio's paging) and GET Messages/{Sid}.json."""
 
     name = "twilio"
 
@@ -319,13 +378,29 @@ class TwilioSandbox(Sandbox):
             return self.error(20429, "Too Many Requests", {"Retry-After": str(self.faults.retry_after)})
         return self.error(20500, "Internal Server Error")
 
+    def message_id(self, record: dict[str, Any]) -> int | None:
+        """The engine's row id: the message_id query parameter of the StatusCallback URL it sends."""
+        query = parse_qs(urlsplit(record.get("status_callback") or "").query)
+        value = query.get("message_id", [""])[-1]
+        return int(value) if value.isdigit() else None
+
     def route(self, method: str, path: str, headers: Message, body: bytes) -> Reply:
-        match = re.fullmatch(r"/2010-04-01/Accounts/([^/]+)/Messages\.json", path.split("?")[0])
-        if method != "POST" or match is None or match.group(1) != self.account_sid:
-            return self.error(20404, f"The requested resource {path} was not found")
+        parts = urlsplit(path)
+        match = _MESSAGES_PATH.fullmatch(parts.path)
+        sid = match.group(2) if match else None
+        if match is None or match.group(1) != self.account_sid or (method, sid is None) not in {
+                ("POST", True), ("GET", True), ("GET", False)}:
+            return self.error(20404, f"The requested resource {parts.path} was not found")
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
         if headers.get("Authorization") != f"Basic {expected}":
             return self.error(20003, "Authenticate")
+        if sid is not None:
+            return self._fetch(sid, parts.path)
+        if method == "GET":
+            return self._list(parts.path, {k: v[-1] for k, v in parse_qs(parts.query).items()})
+        return self._create(body)
+
+    def _create(self, body: bytes) -> Reply:
         form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()}
         to, sender, service = form.get("To", ""), form.get("From"), form.get("MessagingServiceSid")
         if not to:
@@ -342,9 +417,68 @@ class TwilioSandbox(Sandbox):
         self.accept({**resource, "status_callback": form.get("StatusCallback")})
         return Reply.json(201, resource)
 
+    @staticmethod
+    def _public(record: dict[str, Any]) -> dict[str, Any]:
+        """The Message resource as Twilio shows it: without the StatusCallback it was created with."""
+        return {k: v for k, v in record.items() if k != "status_callback"}
+
+    def _fetch(self, sid: str, path: str) -> Reply:
+        record = next((r for r in self.messages() if r["sid"] == sid), None)
+        if record is None:
+            return self.error(20404, f"The requested resource {path} was not found")
+        return Reply.json(200, self._public(record))
+
+    def _list(self, path: str, query: dict[str, str]) -> Reply:
+        """One page of the account's messages, newest first, in Twilio's page envelope. DateSent filters go by
+        day (GMT) and, as Twilio's, never match a message not sent yet (no date_sent)."""
+        try:
+            size = min(int(query.get("PageSize", "50")), _MAX_PAGE_SIZE)
+            number = int(query.get("Page", "0"))
+            days = {key: date.fromisoformat(query[key][:10]) for key in _LIST_FILTERS[2:] if key in query}
+        except ValueError as exc:
+            return self.error(20001, f"Invalid paging or DateSent parameter: {exc}")
+        if size < 1 or number < 0:
+            return self.error(20001, "PageSize must be at least 1 and Page at least 0")
+        records = [self._public(r) for r in reversed(self.messages()) if self._listed(r, query, days)]
+        token = query.get("PageToken")
+        if token:  # PA<sid>: the page after that message; PB<sid>: the page before it (Twilio's own tokens)
+            index = next((i for i, r in enumerate(records) if r["sid"] == token[2:]), None)
+            if index is None or token[:2] not in ("PA", "PB"):
+                return self.error(20001, f"Invalid PageToken {token}")
+            begin, end = (index + 1, index + 1 + size) if token[:2] == "PA" else (max(0, index - size), index)
+        else:
+            begin, end = number * size, (number + 1) * size
+        items = records[begin:end]
+        filters = {key: query[key] for key in _LIST_FILTERS if key in query}
+
+        def uri(page: int, page_token: str | None = None) -> str:
+            tokens = {"PageToken": page_token} if page_token else {}
+            return f"{path}?{urlencode({**filters, 'PageSize': size, 'Page': page, **tokens})}"
+
+        start = number * size
+        return Reply.json(200, {
+            "messages": items, "page": number, "page_size": size, "start": start,
+            "end": start + max(len(items) - 1, 0), "uri": uri(number, token), "first_page_uri": uri(0),
+            "next_page_uri": uri(number + 1, "PA" + items[-1]["sid"]) if items and end < len(records) else None,
+            "previous_page_uri": uri(number - 1, "PB" + items[0]["sid"]) if items and number > 0 else None})
+
+    @staticmethod
+    def _listed(record: dict[str, Any], query: dict[str, str], days: dict[str, date]) -> bool:
+        if "To" in query and record["to"] != query["To"]:
+            return False
+        if "From" in query and record["from"] != query["From"]:
+            return False
+        if not days:
+            return True
+        if not record["date_sent"]:
+            return False
+        sent = parsedate_to_datetime(record["date_sent"]).astimezone(UTC).date()
+        return (sent == days.get("DateSent", sent) and sent <= days.get("DateSent<", sent)
+                and sent >= days.get("DateSent>", sent))
+
     def _resource(self, form: dict[str, str]) -> dict[str, Any]:
         sid = "SM" + uuid.uuid4().hex
-        now = format_datetime(datetime.now(UTC))
+        now = format_datetime(datetime.now(UTC), usegmt=True)  # RFC 2822, as Twilio: "Mon, 16 Aug 2010 03:45:01 GMT"
         base = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}"
         return {"account_sid": self.account_sid, "api_version": "2010-04-01", "body": form["Body"],
                 "date_created": now, "date_sent": None, "date_updated": now, "direction": "outbound-api",
@@ -368,6 +502,11 @@ class TwilioSandbox(Sandbox):
         record = next((r for r in self.messages() if r["sid"] == sid), None)
         if record is None:
             raise ValueError(f"no message {sid} was accepted by this sandbox")
+        now = format_datetime(datetime.now(UTC), usegmt=True)
+        with self.lock:  # the resource moves on as Twilio's does: look-ups see the new status
+            record.update(status=status, date_updated=now)
+            if status in ("sent", "delivered", "undelivered") and not record["date_sent"]:
+                record["date_sent"] = now
         callback = record["status_callback"]
         if not url and self.callback_url:  # a TLS proxy's view: same path and query, reached on our side
             parts = urlsplit(callback or TWILIO_STATUS_PATH)
@@ -404,6 +543,11 @@ class SendGridSandbox(Sandbox):
         der = self._key.public_key().public_bytes(serialization.Encoding.DER,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
         self.public_key = base64.b64encode(der).decode()  # what SendGrid shows as the verification key
+
+    def message_id(self, record: dict[str, Any]) -> int | None:
+        """The engine's row id: the engine_message_id custom arg."""
+        value = str((record.get("custom_args") or {}).get("engine_message_id", ""))
+        return int(value) if value.isdigit() else None
 
     @staticmethod
     def errors(status: int, *items: tuple[str, str | None], headers: dict[str, str] | None = None) -> Reply:
@@ -488,6 +632,26 @@ class SendGridSandbox(Sandbox):
         self.post_events([self.event(r) for r in records])
 
 
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[str]:
+    """The URL of a port whose listen queue is full: the kernel drops further SYNs, so a client's connect times
+    out without a byte of its request written (a provider that is down behind a black-holing network)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = []
+        try:
+            for _ in range(8):  # the queue holds backlog + 1 connections; the other SYNs go unanswered
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(listener.getsockname())
+                fillers.append(filler)
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
 def config_snippet(twilio: TwilioSandbox, sendgrid: SendGridSandbox, public_url: str | None) -> str:
     lines = ["channels:", "  sms:", "    provider: twilio", f"    account_sid: {twilio.account_sid}",
              f"    auth_token: {twilio.auth_token}", '    from: "+15005550006"', f"    base_url: {twilio.url}",
@@ -509,10 +673,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deliver-after", type=float, default=3.0, metavar="SECONDS")
     parser.add_argument("--transient", type=float, default=0.0, metavar="SHARE",
                         help="share of requests answered 429 or 500 (half each), e.g. 0.3")
+    parser.add_argument("--slow", type=float, default=0.0, metavar="SHARE",
+                        help="share of requests processed at once but answered only after --slow-seconds")
+    parser.add_argument("--slow-seconds", type=float, default=2.0, metavar="S",
+                        help="how late a slow answer comes (default 2; make it longer than the client's timeout)")
+    parser.add_argument("--drop", type=float, default=0.0, metavar="SHARE",
+                        help="share of requests closed without processing and without an answer")
+    parser.add_argument("--lost", type=float, default=0.0, metavar="SHARE",
+                        help="share of requests processed, then reset without an answer")
     args = parser.parse_args(argv)
-    if args.deliver_after < 0 or not 0 <= args.transient <= 1:
-        parser.error("--deliver-after must be >= 0 and --transient within 0..1")
-    faults = Faults(too_many=args.transient / 2, server_error=args.transient / 2)
+    shares = {"--transient": args.transient, "--slow": args.slow, "--drop": args.drop, "--lost": args.lost}
+    if any(not 0 <= share <= 1 for share in shares.values()) or sum(shares.values()) > 1:
+        parser.error("--transient, --slow, --drop and --lost must each be within 0..1 and add up to at most 1, "
+                     "got: " + ", ".join(f"{name} {share:g}" for name, share in shares.items()))
+    for name, seconds in (("--deliver-after", args.deliver_after), ("--slow-seconds", args.slow_seconds)):
+        if seconds < 0:
+            parser.error(f"{name} must be 0 or more seconds, got: {seconds:g}")
+    faults = Faults(too_many=args.transient / 2, server_error=args.transient / 2, slow=args.slow,
+                    drop=args.drop, lost=args.lost, slow_seconds=args.slow_seconds)
     options: dict[str, Any] = {"faults": faults, "callback_url": args.callback_url,
                                "deliver_after": args.deliver_after if args.callback_url else None}
     twilio = TwilioSandbox(port=args.twilio_port, **options)
@@ -525,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             print(f"\nstopped: {len(twilio.received)} SMS and {len(sendgrid.received)} emails accepted")
+            for box in (twilio, sendgrid):
+                if box.duplicates():
+                    print(f"{box.name}: accepted more than once: {box.duplicates()} (our message id: times)")
     return 0
 
 

@@ -2,6 +2,12 @@
 
 One request per message, so that each log row gets its own X-Message-Id and its own answer. The client's
 default timeout is None (LIBRARY_NOTES): a hung connection would stall the daemon, so one is always set.
+
+python-http-client calls urllib, which wraps what fails while connecting and writing the request in URLError
+(nothing reached SendGrid: TRANSIENT) and lets what fails while reading the answer through as it is (a timeout,
+a reset, a closed connection: SendGrid may have accepted the mail, so UNCERTAIN). The v3 Mail API has no way to
+look a message up: an UNCERTAIN email is settled by SendGrid's event webhook (our ``engine_message_id`` custom
+arg comes back with every event) or by an operator.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Sequence
 from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 from urllib.error import URLError
@@ -17,8 +24,8 @@ from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Category, CustomArg, From, Header, Mail, To
 
-from channels import PacedChannel, TokenBucket, describe_network_error, limiter_for, parse_retry_after
-from channels.base import Outcome, OutgoingMessage, SendResult
+from channels import PacedChannel, TokenBucket, describe_network_error, limiter_for, one_line, parse_retry_after
+from channels.base import Found, InDoubt, Outcome, OutgoingMessage, Reconciled, SendResult
 
 if TYPE_CHECKING:
     from engine.config import ChannelConfig
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
 # v2-api-endpoints). 10/s stays inside that until ops measure their account and raise rate_per_second.
 DEFAULT_RATE = 10.0
 MESSAGE_ID_ARG = "engine_message_id"  # custom arg: every event webhook carries it back to our log row
+RECONCILING = "reconciling before any retry"
 
 
 def parse_sender(text: str) -> From:
@@ -44,8 +52,10 @@ class SendGridEmail(PacedChannel):
 
     def __init__(self, api_key: str, sender: str, *, base_url: str | None = None,
                  rate_per_second: float | None = None, concurrency: int = 4, timeout: float = 10.0,
-                 limiter: TokenBucket | None = None) -> None:
-        super().__init__(concurrency=concurrency, limiter=limiter or limiter_for(rate_per_second, DEFAULT_RATE))
+                 limiter: TokenBucket | None = None, in_flight: int | None = None,
+                 reconcile_after: float | None = None) -> None:
+        super().__init__(concurrency=concurrency, limiter=limiter or limiter_for(rate_per_second, DEFAULT_RATE),
+                         in_flight=in_flight, reconcile_after=reconcile_after)
         self.sender = parse_sender(sender)
         self.base_url = (base_url or "https://api.sendgrid.com").rstrip("/")
         self.timeout = timeout
@@ -59,7 +69,7 @@ class SendGridEmail(PacedChannel):
     def from_config(cls, settings: ChannelConfig) -> SendGridEmail:
         return cls(settings.api_key or "", settings.sender or "", base_url=settings.base_url,
                    rate_per_second=settings.rate_per_second, concurrency=settings.concurrency,
-                   timeout=settings.timeout)
+                   timeout=settings.timeout, in_flight=settings.in_flight, reconcile_after=settings.reconcile_after)
 
     def build(self, message: OutgoingMessage) -> dict[str, Any]:
         """The mail/send JSON body for MESSAGE."""
@@ -79,17 +89,36 @@ class SendGridEmail(PacedChannel):
             response = self.api.client.mail.send.post(request_body=self.build(message), timeout=self.timeout)
         except HTTPError as exc:
             return self.classify(exc)
-        except TimeoutError:
-            return SendResult(Outcome.TRANSIENT, error=f"sendgrid: no answer within {self.timeout:g}s (timeout)")
         except (URLError, OSError, http.client.HTTPException) as exc:
-            return SendResult(Outcome.TRANSIENT,
-                              error=f"sendgrid: connection to {self.base_url} failed: {describe_network_error(exc)}")
+            return self.classify_network(exc)
         provider_id = response.headers.get("X-Message-Id")
         if response.status_code != 202 or not provider_id:
-            # Accepted or not, we cannot tell: an operator must look rather than the engine send it twice.
-            return SendResult(Outcome.PERMANENT, error=f"unknown: sendgrid answered {response.status_code} "
-                                                       "without an X-Message-Id")
+            # Accepted or not, we cannot tell: reconcile (the event webhook) rather than send it twice.
+            return SendResult(Outcome.UNCERTAIN, error=f"sendgrid: answered {response.status_code} without an "
+                                                       f"X-Message-Id; {RECONCILING}")
         return SendResult(Outcome.SENT, provider_id=str(provider_id))
+
+    def classify_network(self, exc: URLError | OSError | http.client.HTTPException) -> SendResult:
+        """urllib's URLError: the request never got through (TRANSIENT); anything raw came while reading the
+        answer, after the request was written (UNCERTAIN)."""
+        cause = describe_network_error(exc)
+        if isinstance(exc, URLError):  # HTTPError, its subclass, never gets here: python-http-client converts it
+            return SendResult(Outcome.TRANSIENT, error=f"sendgrid: connection to {self.base_url} failed: {cause}")
+        if isinstance(exc, TimeoutError):
+            return SendResult(Outcome.UNCERTAIN, error=f"sendgrid: no answer within {self.timeout:g}s (timeout) "
+                                                       f"after the request was sent; {RECONCILING}")
+        if isinstance(exc, ConnectionError):  # RemoteDisconnected, ConnectionResetError, BrokenPipeError
+            return SendResult(Outcome.UNCERTAIN, error=f"sendgrid: the connection to {self.base_url} broke after the "
+                                                       f"request was sent ({cause}); {RECONCILING}")
+        return SendResult(Outcome.UNCERTAIN, error=one_line(f"sendgrid: could not read the answer ({cause}); "
+                                                            f"{RECONCILING}"))
+
+    def reconcile(self, messages: Sequence[InDoubt]) -> list[Reconciled]:
+        """SendGrid's v3 Mail API cannot look a message up: each waits for SendGrid's event webhook, which carries
+        our id back as the ``engine_message_id`` custom arg (the engine's webhook handler applies it)."""
+        return [Reconciled(Found.UNKNOWN, retry_after=None, detail=(
+            f"sendgrid cannot look messages up: waiting for its event webhook for {MESSAGE_ID_ARG}={m.id} "
+            "(processed, delivered, bounce or dropped), or an operator")) for m in messages]
 
     def classify(self, exc: HTTPError) -> SendResult:
         status = int(exc.status_code)

@@ -1,28 +1,47 @@
 """SMS through Twilio's Messages API (the official ``twilio`` client), classified for the engine's retry rules.
 
-One ``messages.create`` per message. Twilio's client never retries (LIBRARY_NOTES): a 429, a 5xx or a network
-failure comes back TRANSIENT and the engine retries it with backoff; invalid or unreachable numbers are
-PERMANENT; 21610 (the recipient replied STOP) is PERMANENT and suppresses the number.
+One ``messages.create`` per message. Twilio's client never retries (LIBRARY_NOTES): a 429, a 5xx or a failure
+to connect comes back TRANSIENT and the engine retries it with backoff; a timeout or a broken connection after
+the request was written, or an answer we cannot read, is UNCERTAIN (Twilio may have created the message) and is
+reconciled by looking the message up; invalid or unreachable numbers are PERMANENT; 21610 (the recipient replied
+STOP) is PERMANENT and suppresses the number.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import ssl
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
+from urllib3.exceptions import ClosedPoolError, NewConnectionError
 
-from channels import PacedChannel, TokenBucket, describe_network_error, limiter_for, parse_retry_after
-from channels.base import Outcome, OutgoingMessage, SendResult
+from channels import (
+    PacedChannel,
+    TokenBucket,
+    causes,
+    describe_network_error,
+    limiter_for,
+    one_line,
+    parse_retry_after,
+)
+from channels.base import Found, InDoubt, Outcome, OutgoingMessage, Reconciled, SendResult
 from engine.sms import segments
 
 if TYPE_CHECKING:
     from engine.config import ChannelConfig
+
+log = logging.getLogger(__name__)
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
@@ -64,14 +83,26 @@ def default_rate(sender: str | None) -> float:
 class TwilioSMS(PacedChannel):
     provider = "twilio"
 
+    #: Look-ups (reconcile): a message created up to this long before its hand-over was recorded still counts
+    #: (Twilio's clock and ours differ; date_created has whole seconds).
+    lookup_skew = timedelta(minutes=5)
+    #: Messages read per look-up page, and pages read per number at most: a number that got more messages than
+    #: that since the hand-over is left UNKNOWN rather than read without end.
+    lookup_page_size = 50
+    lookup_max_pages = 4
+    #: Seconds before a look-up that failed (429, 5xx, network) is tried again, at least.
+    lookup_retry_after = 300.0
+
     def __init__(self, account_sid: str, auth_token: str, *, public_url: str, sender: str | None = None,
                  messaging_service_sid: str | None = None, base_url: str | None = None,
                  rate_per_second: float | None = None, concurrency: int = 4, timeout: float = 10.0,
-                 limiter: TokenBucket | None = None) -> None:
+                 limiter: TokenBucket | None = None, in_flight: int | None = None,
+                 reconcile_after: float | None = None) -> None:
         if not sender and not messaging_service_sid:
             raise ValueError("from or messaging_service_sid is required")
         super().__init__(concurrency=concurrency,
-                         limiter=limiter or limiter_for(rate_per_second, default_rate(sender)))
+                         limiter=limiter or limiter_for(rate_per_second, default_rate(sender)),
+                         in_flight=in_flight, reconcile_after=reconcile_after)
         self.sender = sender
         self.messaging_service_sid = messaging_service_sid
         self.timeout = timeout
@@ -92,7 +123,8 @@ class TwilioSMS(PacedChannel):
         return cls(settings.account_sid or "", settings.auth_token or "", public_url=public_url,
                    sender=settings.sender, messaging_service_sid=settings.messaging_service_sid,
                    base_url=settings.base_url, rate_per_second=settings.rate_per_second,
-                   concurrency=settings.concurrency, timeout=settings.timeout)
+                   concurrency=settings.concurrency, timeout=settings.timeout, in_flight=settings.in_flight,
+                   reconcile_after=settings.reconcile_after)
 
     def _remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
         # TwilioRestException carries no headers: keep Retry-After of this thread's last response aside.
@@ -117,12 +149,29 @@ class TwilioSMS(PacedChannel):
             created = self.client.messages.create(**params)
         except (TwilioRestException, TwilioServiceException) as exc:
             return self.classify(exc)
-        except requests.Timeout:
-            return SendResult(Outcome.TRANSIENT, error=f"twilio: no answer within {self.timeout:g}s (timeout)")
         except requests.RequestException as exc:
-            return SendResult(Outcome.TRANSIENT,
-                              error=f"twilio: connection to {self.base_url} failed: {describe_network_error(exc)}")
+            return self.classify_network(exc)
+        except ValueError as exc:  # a 2xx whose body is not JSON: created or not, we cannot tell
+            return SendResult(Outcome.UNCERTAIN, error=f"twilio: answered with something we cannot read ({exc}); "
+                                                       f"{RECONCILING}")
+        if not created.sid:
+            return SendResult(Outcome.UNCERTAIN, error=f"twilio: answered without a message sid; {RECONCILING}")
         return SendResult(Outcome.SENT, provider_id=str(created.sid))
+
+    def classify_network(self, exc: requests.RequestException) -> SendResult:
+        """TRANSIENT when the request cannot have left (no connection was made); else UNCERTAIN."""
+        cause = describe_network_error(exc)
+        if isinstance(exc, requests.ConnectTimeout):
+            cause = f"no connection within {self.timeout:g}s (connect timeout)"
+        if _never_sent(exc):
+            return SendResult(Outcome.TRANSIENT, error=f"twilio: connection to {self.base_url} failed: {cause}")
+        if isinstance(exc, requests.ReadTimeout):
+            return SendResult(Outcome.UNCERTAIN, error=f"twilio: no answer within {self.timeout:g}s (timeout) after "
+                                                       f"the request was sent; {RECONCILING}")
+        if isinstance(exc, requests.ConnectionError):
+            return SendResult(Outcome.UNCERTAIN, error=f"twilio: the connection to {self.base_url} broke after the "
+                                                       f"request was sent ({cause}); {RECONCILING}")
+        return SendResult(Outcome.UNCERTAIN, error=f"twilio: could not read the answer ({cause}); {RECONCILING}")
 
     def classify(self, exc: TwilioRestException | TwilioServiceException) -> SendResult:
         status = int(exc.status)
@@ -146,5 +195,167 @@ class TwilioSMS(PacedChannel):
             error = f"{error} — {_CONFIG_HINTS[20003]}"
         return SendResult(Outcome.PERMANENT, error=error)
 
+    # ------------------------------------------------------------------ reconciliation
+
+    def reconcile(self, messages: Sequence[InDoubt]) -> list[Reconciled]:
+        """Look each message up among the messages Twilio has to its number (one listing per number).
+
+        The Message resource does not carry the StatusCallback URL (our id), so a match is the exact body, created
+        at or after the hand-over minus lookup_skew; each sid matches one message of the call at most.
+        """
+        by_number: dict[str, list[int]] = {}
+        for index, message in enumerate(messages):
+            by_number.setdefault(message.recipient, []).append(index)
+        answers: dict[int, Reconciled] = {}
+        failed: _LookupFailed | None = None
+        for number, indexes in by_number.items():
+            group = sorted(indexes, key=lambda i: _aware(messages[i].handed_at))
+            if failed is None:  # after one failure the service is likely down or limiting us: ask no more
+                try:
+                    answers.update(zip(group, self._lookup(number, [messages[i] for i in group]), strict=True))
+                    continue
+                except _LookupFailed as exc:
+                    failed = exc
+                    detail = f"twilio look-up failed ({exc.reason}); asking again in {exc.retry_after:g}s"
+            else:
+                detail = (f"not looked up: an earlier twilio look-up failed ({failed.reason}); asking again in "
+                          f"{failed.retry_after:g}s")
+            answers.update((i, Reconciled(Found.UNKNOWN, detail=detail, retry_after=failed.retry_after))
+                           for i in group)
+        return [answers[i] for i in range(len(messages))]
+
+    def _lookup(self, number: str, group: list[InDoubt]) -> list[Reconciled]:
+        try:
+            since = min(_aware(m.handed_at) for m in group) - self.lookup_skew
+            return self._match(self._listing(number, since), group)
+        except _LookupFailed:
+            raise
+        except Exception as exc:  # reconcile must not raise: a surprise leaves the messages for a later pass
+            log.exception("twilio: unexpected error looking up %d message(s)", len(group))
+            raise _LookupFailed(one_line(f"unexpected {type(exc).__name__}: {exc}"), self.lookup_retry_after) from exc
+
+    def _listing(self, number: str, since: datetime) -> _Listing:
+        """What Twilio has to NUMBER, newest first, back to SINCE (or lookup_max_pages pages)."""
+        self._local.retry_after = None
+        found: list[_Found] = []
+        try:
+            page = self.client.messages.page(to=number, page_size=self.lookup_page_size)
+            for read in range(1, self.lookup_max_pages + 1):
+                records = [_Found(str(r.sid), r.body, r.date_created) for r in page]
+                found.extend(records)
+                # Twilio lists newest first: once a page reaches back past SINCE, the next ones hold nothing newer.
+                # date_sent is no guide (a queued message has none); DateSent filters would hide such messages.
+                if not records or page.next_page_url is None or any(
+                        r.created is not None and r.created < since for r in records):
+                    return _Listing(found, complete=True)
+                if read < self.lookup_max_pages:
+                    page = page.next_page()
+        except (TwilioRestException, TwilioServiceException) as exc:
+            raise self._failed(self.classify(exc).error or f"twilio {exc.status}") from exc
+        except TwilioException as exc:  # a list page: twilio raises the bare class, with the response
+            raise self._failed(_page_error(exc)) from exc
+        except requests.RequestException as exc:
+            raise self._failed(f"network: {describe_network_error(exc)}") from exc
+        except ValueError as exc:
+            raise self._failed(f"unreadable answer: {exc}") from exc
+        return _Listing(found, complete=False)
+
+    def _failed(self, reason: str) -> _LookupFailed:
+        return _LookupFailed(reason, max(self.lookup_retry_after, self._local.retry_after or 0.0))
+
+    def _match(self, listing: _Listing, group: list[InDoubt]) -> list[Reconciled]:
+        """One answer per message of GROUP (one number, oldest hand-over first): each claims the oldest unclaimed
+        message with its exact body created in its window."""
+        oldest_first = list(reversed(listing.found))
+        claimed: set[str] = set()
+        answers = []
+        latest = datetime.now(UTC) + self.lookup_skew
+        for message in group:
+            start = _aware(message.handed_at) - self.lookup_skew
+            window = [f for f in oldest_first if f.created is None or f.created >= start]
+            same = [f for f in window if f.created is not None and f.body == message.text]
+            match = next((f for f in same if f.sid not in claimed), None)
+            since = f"{start:%Y-%m-%d %H:%M:%S}Z"
+            if match is None and _aware(message.handed_at) > latest:
+                # Twilio stamps date_created with the real time: a window starting in its future (a virtual
+                # clock: tick --now) would miss the message and answer ABSENT, a second send.
+                answers.append(Reconciled(Found.UNKNOWN, detail=(
+                    f"handed over at {message.handed_at:%Y-%m-%d %H:%M:%S}, later than this machine's clock: a "
+                    "look-up by creation time cannot be trusted; a delivery callback or an operator must decide")))
+            elif match is not None:
+                claimed.add(match.sid)
+                answers.append(Reconciled(Found.SENT, provider_id=match.sid, detail=(
+                    f"twilio has it: {match.sid}, same number and body, created {match.created:%Y-%m-%d %H:%M:%S}Z")))
+            elif same:
+                answers.append(Reconciled(Found.UNKNOWN, detail=(
+                    f"twilio's only messages with this number and body since {since} ({', '.join(f.sid for f in same)})"
+                    " matched other messages in doubt; an operator must decide")))
+            elif not listing.complete:
+                answers.append(Reconciled(Found.UNKNOWN, detail=(
+                    f"more than {len(listing.found)} messages to this number since {since}: not all were read, and "
+                    "none read has this body")))
+            elif not window:
+                answers.append(Reconciled(Found.ABSENT, detail=f"twilio has no message to this number since {since}"))
+            else:
+                answers.append(Reconciled(Found.UNKNOWN, detail=(
+                    f"twilio has {len(window)} message(s) to this number since {since} but none with this exact body "
+                    "(it may have re-encoded it); a delivery callback or an operator must decide")))
+        return answers
+
     def close(self) -> None:
         self.http.session.close()
+
+
+RECONCILING = "reconciling before any retry"
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when EXC proves no byte of the request left: the connection was never made (refused, DNS, connect
+    timeout, a closed pool, a certificate refused during the handshake). Anything else may have been written."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    return any(isinstance(c, NewConnectionError | ClosedPoolError | ssl.SSLCertVerificationError)
+               for c in causes(exc))
+
+
+def _page_error(exc: TwilioException) -> str:
+    """``twilio 20500: Internal Server Error`` from the response a failed list page carries."""
+    response = exc.args[1] if len(exc.args) > 1 else None
+    status = getattr(response, "status_code", "?")
+    try:
+        body = json.loads(getattr(response, "text", "") or "{}")
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return one_line(f"twilio {body.get('code') or status}: {body.get('message') or 'the look-up was refused'}")
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """One message Twilio lists to the number."""
+
+    sid: str
+    body: str | None
+    created: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    found: list[_Found]  # newest first
+    complete: bool  # read back past SINCE (or to the end): no older page can hold a message of the window
+
+
+class _LookupFailed(Exception):
+    """A look-up Twilio did not answer (429, 5xx, network): ask again after retry_after."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after

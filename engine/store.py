@@ -52,7 +52,9 @@ class Store:
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "connect", _page_cache(page_cache_mb))
-        elif self.dialect != "postgresql":
+        elif self.dialect == "postgresql":
+            event.listen(self.engine, "connect", _postgresql_settings)
+        else:
             raise ConfigError(f"database.url must be sqlite:///... or postgresql+psycopg://..., got: {url}")
         self._lock_file: IO[str] | None = None
 
@@ -197,6 +199,18 @@ def _page_cache(megabytes: int) -> Any:
         dbapi_connection.execute(f"PRAGMA cache_size=-{int(megabytes) * 1024}")
 
     return set_cache
+
+
+#: how long a statement waits for a row or table lock another connection holds before it fails (the tick then
+#: fails and the next one retries) instead of waiting for good behind a stuck process; SQLite's busy_timeout is
+#: the same bound there
+LOCK_TIMEOUT_SECONDS = 120
+
+
+def _postgresql_settings(dbapi_connection: Any, _record: Any) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_SECONDS}s'")
+    dbapi_connection.commit()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

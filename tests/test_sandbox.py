@@ -9,13 +9,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import random
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+import requests
 from sendgrid.helpers.eventwebhook import EventWebhook
+from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.request_validator import RequestValidator
 
 from channels import build_channel
@@ -137,10 +141,143 @@ def test_sendgrid_sandbox_answers_as_sendgrid_does() -> None:
 def test_fault_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="add up to at most 1"):
         Faults(too_many=0.6, server_error=0.6)
+    with pytest.raises(ValueError, match="add up to at most 1"):
+        Faults(slow=0.5, lost=0.6)
     with pytest.raises(ValueError, match=r"within 0\.\.1"):
         Faults(drop=-0.1)
+    with pytest.raises(ValueError, match=r"within 0\.\.1"):
+        Faults(lost=1.5)
+    with pytest.raises(ValueError, match="slow_seconds must be 0 or more"):
+        Faults(slow_seconds=-1)
     with pytest.raises(ValueError, match="fault kinds must be among"):
         TwilioSandbox().fail_next("timeout")
+
+
+def test_lost_is_drawn_as_its_share_says() -> None:
+    rng = random.Random(5)
+    drawn = Counter(Faults(lost=0.25, slow=0.25).draw(rng) for _ in range(4000))
+    assert set(drawn) == {"ok", "lost", "slow"}
+    assert 900 < drawn["lost"] < 1100 and 900 < drawn["slow"] < 1100
+
+
+# ---------------------------------------------------------------------- what the client sees of each fault
+
+FORM = {"To": "+8613800138000", "From": FROM, "Body": "hi"}
+
+
+@pytest.mark.parametrize(("kind", "error", "accepted"), [
+    ("drop", httpx.RemoteProtocolError, 0),  # closed without processing: "Server disconnected"
+    ("lost", httpx.ReadError, 1),  # processed, then reset: "Connection reset by peer"
+])
+def test_drop_closes_before_processing_and_lost_resets_after(kind: str, error: type[Exception],
+                                                              accepted: int) -> None:
+    with TwilioSandbox() as box, httpx.Client(base_url=box.url, auth=(box.account_sid, box.auth_token)) as http:
+        box.fail_next(kind)
+        with pytest.raises(error):
+            http.post(f"/2010-04-01/Accounts/{box.account_sid}/Messages.json", data=FORM)
+        assert len(box.messages()) == accepted
+
+
+def test_slow_processes_at_once_and_answers_late() -> None:
+    """The dangerous case: the client gives up while the provider already has the message."""
+    with TwilioSandbox(faults=Faults(slow_seconds=1.0)) as box, \
+            httpx.Client(base_url=box.url, auth=(box.account_sid, box.auth_token)) as http:
+        box.fail_next("slow")
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"/2010-04-01/Accounts/{box.account_sid}/Messages.json", data=FORM, timeout=0.3)
+        assert len(box.messages()) == 1  # created before the client gave up
+        box.fail_next("slow")
+        started = time.monotonic()
+        late = http.post(f"/2010-04-01/Accounts/{box.account_sid}/Messages.json", data=FORM, timeout=5)
+        assert late.status_code == 201 and time.monotonic() - started >= 1.0
+
+
+def test_duplicates_count_our_ids_accepted_more_than_once() -> None:
+    with TwilioSandbox() as sms_box, SendGridSandbox() as mail_box:
+        channel = twilio_channel(sms_box)
+        channel.send_batch([sms(1), sms(2), sms(1), sms(3), sms(1), sms(2)])
+        channel.close()
+        email = SendGridEmail(mail_box.api_key, "m@example.com", base_url=mail_box.url, rate_per_second=0)
+        email.send_batch([mail(7), mail(8), mail(7)])
+        assert (sms_box.duplicates(), mail_box.duplicates()) == ({1: 3, 2: 2}, {7: 2})
+        assert len(sms_box.messages()) == 6  # every accepted request is kept
+
+
+# ---------------------------------------------------------------------- Twilio look-ups
+
+
+def test_twilio_lists_messages_newest_first_in_its_page_envelope() -> None:
+    with TwilioSandbox() as box, httpx.Client(base_url=box.url, auth=(box.account_sid, box.auth_token)) as http:
+        channel = twilio_channel(box, concurrency=1)
+        channel.send_batch([sms(i) for i in range(5)] + [sms(9, to="+8613900139000")])
+        channel.close()
+        path = f"/2010-04-01/Accounts/{box.account_sid}/Messages.json"
+        first = http.get(path, params={"To": "+8613800138000", "PageSize": 2}).json()
+        assert set(first) == {"messages", "next_page_uri", "first_page_uri", "previous_page_uri", "page",
+                              "page_size", "start", "end", "uri"}
+        assert [m["body"] for m in first["messages"]] == ["hello 4", "hello 3"]
+        assert (first["page"], first["page_size"], first["start"], first["end"]) == (0, 2, 0, 1)
+        assert first["previous_page_uri"] is None and first["first_page_uri"].startswith(path + "?")
+        assert "status_callback" not in first["messages"][0]  # Twilio's resource does not carry it
+        bodies = [m["body"] for m in first["messages"]]
+        page = first
+        while page["next_page_uri"]:
+            page = http.get(page["next_page_uri"]).json()
+            bodies += [m["body"] for m in page["messages"]]
+        assert bodies == [f"hello {i}" for i in (4, 3, 2, 1, 0)]
+        assert (page["page"], page["start"], page["end"]) == (2, 4, 4)
+        back = http.get(page["previous_page_uri"]).json()
+        assert [m["body"] for m in back["messages"]] == ["hello 2", "hello 1"]
+        by_sender = http.get(path, params={"From": FROM}).json()["messages"]
+        assert len(by_sender) == 6
+        assert http.get(path, params={"From": "+15550000000"}).json()["messages"] == []
+        unauthorised = http.get(path, auth=(box.account_sid, "wrong"))
+        assert (unauthorised.status_code, unauthorised.json()["code"]) == (401, 20003)
+
+
+def test_the_official_client_pages_through_the_list_and_fetches_by_sid() -> None:
+    with TwilioSandbox() as box:
+        channel = twilio_channel(box, concurrency=1)
+        results = channel.send_batch([sms(i) for i in range(7)])
+        before = box.attempts
+        listed = channel.client.messages.list(to="+8613800138000", page_size=3)
+        assert box.attempts - before == 3  # 3 + 3 + 1
+        assert [m.sid for m in listed] == [r.provider_id for r in reversed(results)]
+        assert [m.body for m in channel.client.messages.stream(to="+8613800138000", limit=4, page_size=3)] == [
+            f"hello {i}" for i in (6, 5, 4, 3)]
+        fetched = channel.client.messages(str(results[2].provider_id)).fetch()
+        assert (fetched.body, fetched.status, fetched.to) == ("hello 2", "queued", "+8613800138000")
+        assert fetched.date_created is not None and fetched.date_created.tzinfo is not None
+        with pytest.raises(TwilioRestException) as missing:
+            channel.client.messages("SM" + "0" * 32).fetch()
+        assert (missing.value.status, missing.value.code) == (404, 20404)
+        channel.close()
+
+
+def test_date_sent_filters_go_by_day_and_never_match_a_queued_message(receiver: Receiver) -> None:
+    with TwilioSandbox() as box:
+        channel = twilio_channel(box, concurrency=1)
+        queued, delivered = channel.send_batch([sms(1), sms(2)])
+        assert box.send_status(str(delivered.provider_id), "delivered", url=receiver.url) == 200
+        today, tomorrow = datetime.now(UTC), datetime.now(UTC) + timedelta(days=1)
+        everything = [m.sid for m in channel.client.messages.list()]
+        on_day = [m.sid for m in channel.client.messages.list(date_sent=today)]
+        before_tomorrow = [m.sid for m in channel.client.messages.list(date_sent_before=tomorrow)]
+        from_tomorrow = [m.sid for m in channel.client.messages.list(date_sent_after=tomorrow)]
+        channel.close()
+    assert everything == [delivered.provider_id, queued.provider_id]
+    assert on_day == before_tomorrow == [delivered.provider_id]  # the queued one has no date_sent yet
+    assert from_tomorrow == []
+
+
+@pytest.mark.parametrize(("kind", "error"), [("500", TwilioException), ("drop", requests.ConnectionError)])
+def test_faults_apply_to_look_ups_too(kind: str, error: type[Exception]) -> None:
+    with TwilioSandbox() as box:
+        channel = twilio_channel(box)
+        box.fail_next(kind)
+        with pytest.raises(error):
+            channel.client.messages.list(to="+8613800138000")
+        channel.close()
 
 
 def test_faults_are_drawn_from_the_seed() -> None:
@@ -261,6 +398,22 @@ def test_the_command_runs_until_ctrl_c_and_prints_the_config() -> None:
     assert "stopped: 0 SMS and 0 emails accepted" in rest
 
 
+def test_the_command_takes_slow_drop_and_lost_shares() -> None:
+    base = [sys.executable, "-m", "channels.sandbox", "--twilio-port", "0", "--sendgrid-port", "0"]
+    refused = subprocess.run([*base, "--slow", "0.6", "--lost", "0.6"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2
+    assert "add up to at most 1" in refused.stderr
+    command = [*base, "--slow", "0.2", "--slow-seconds", "3", "--drop", "0.1", "--lost", "0.1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "webhook_public_key" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
+
+
 # ---------------------------------------------------------------------- the engine end to end
 
 
@@ -272,7 +425,9 @@ def member(i: int) -> dict[str, Any]:
 
 def test_flaky_providers_every_message_goes_once_or_fails_after_max_attempts(tmp_path: Path, db_url: str) -> None:
     """Birthday offers for 30 members (an email and an SMS each) through providers failing 30% of requests."""
-    faults = Faults(too_many=0.1, server_error=0.1, drop=0.1)
+    # Refusals only: a drop, a slow or a lost answer leaves a message in doubt, which reconciliation settles
+    # (tests/test_channel_reconcile.py for the channels' side).
+    faults = Faults(too_many=0.15, server_error=0.15)
     with TwilioSandbox(faults=faults, seed=3) as sms_box, SendGridSandbox(faults=faults, seed=4) as mail_box:
         common = {"rate_per_second": 0, "concurrency": 4, "timeout": 2, "max_attempts": 3}
         harness = Harness(tmp_path, db_url, config={"channels": {
@@ -303,6 +458,7 @@ def test_flaky_providers_every_message_goes_once_or_fails_after_max_attempts(tmp
 
     texts = Counter(m["to"] for m in sms_box.messages())
     assert set(texts.values()) == {1}  # never twice
+    assert sms_box.duplicates() == mail_box.duplicates() == {}
     assert {("sms", m["to"]): m["sid"] for m in sms_box.messages()} == {
         k: r["provider_id"] for k, r in sent.items() if k[0] == "sms"}
 
