@@ -52,6 +52,7 @@ class App:
         self.runner = Runner(self, self.worker)
         #: messages settled by reconciliation in this process, by (channel, outcome): for /metrics
         self.reconciled: Counter[tuple[str, str]] = Counter()
+        self._recovered_once = False  # a dead process's enrollment claims were freed (SQLite, engine lock held)
         self.entry = EntryPhase(self)
         self.programme = ProgrammePhase(self)
 
@@ -175,8 +176,10 @@ class App:
     def recover(self, now: datetime, report: TickReport, *, everything: bool = False) -> Reconciliation:
         """Settle what a crash or a lost answer left open: requeue what was never handed over, mark the hand-over
         in progress unknown, and reconcile unknown messages with their channels (engine.reconcile)."""
-        recovered = reconcile.recover(self.store, self.channel, self.worker, now,
-                                      exclusive=self.store.holds_process_lock)
+        exclusive = self.store.holds_process_lock
+        recovered = reconcile.recover(self.store, self.channel, self.worker, now, exclusive=exclusive,
+                                      enrollments=exclusive and not self._recovered_once)
+        self._recovered_once = self._recovered_once or exclusive
         report.add("requeued", recovered.requeued)
         report.add("unknown", recovered.in_doubt)
         with self.store.begin() as conn:

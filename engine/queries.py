@@ -285,6 +285,15 @@ def release_enrollments(conn: Connection, ids: Sequence[int], worker: str) -> No
                      .values(claimed_by=None, claimed_until=None))
 
 
+def release_foreign_claims(conn: Connection, worker: str) -> int:
+    """Every enrollment claim that is not WORKER's: for a process holding the SQLite engine lock, where they can
+    only be a dead process's (it had batches claimed ahead for its compose worker). Scans the claimed ones."""
+    result = conn.execute(update(enrollments).where(enrollments.c.claimed_by.is_not(None),
+                                                    enrollments.c.claimed_by != worker)
+                          .values(claimed_by=None, claimed_until=None))
+    return int(result.rowcount or 0)
+
+
 def release_enrollment_claims(conn: Connection, worker: str) -> None:
     conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
                  .values(claimed_by=None, claimed_until=None))

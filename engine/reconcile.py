@@ -49,10 +49,16 @@ class Recovered:
 
 
 def recover(store: Store, channel: Callable[[str], Channel], worker: str, now: datetime, *,
-            exclusive: bool = False) -> Recovered:
+            exclusive: bool = False, enrollments: bool = False) -> Recovered:
     """Step 1. EXCLUSIVE: this process holds the database's only engine lock (SQLite), so every other worker's
-    claim is a dead process's, whatever its lease says."""
+    claim is a dead process's, whatever its lease says; ENROLLMENTS: then also free the enrollments such a
+    process had claimed (once per process is enough: no other can claim while the lock is held)."""
     out = Recovered()
+    if exclusive and enrollments:
+        with store.begin() as conn:
+            freed = queries.release_foreign_claims(conn, worker)
+        if freed:
+            log.warning("freed %d enrollment(s) claimed by a stopped engine process", freed)
     with store.begin() as conn:
         stranded = queries.stranded_messages(conn, now, other_than=worker if exclusive else None)
         if not stranded:
