@@ -227,3 +227,34 @@ def test_run_py_reconcile_settles_the_outbox_and_says_what_it_did(tmp_path: Path
     lines = [json.loads(line)["id"] for line in outbox.read_text(encoding="utf-8").splitlines()]
     assert sorted(lines) == list(range(1, 11))
     second.close()
+
+
+def test_a_slow_provider_never_gets_two_copies(tmp_path: Path, db_url: str) -> None:
+    """Issue 13, item 4: answers slower than the client's timeout (the provider did accept), resets after the
+    request was written, and refusals, through the real twilio client against the stand-in. Timeouts and resets
+    are reconciled by looking the message up, never retried blindly: the provider gets each SMS once."""
+    from channels.sandbox import Faults, TwilioSandbox
+
+    faults = Faults(slow=0.2, lost=0.1, too_many=0.1, slow_seconds=1.5)
+    with TwilioSandbox(faults=faults, seed=11) as box:
+        h = Harness(tmp_path, db_url, config={"channels": {"sms": {
+            "provider": "twilio", "account_sid": box.account_sid, "auth_token": box.auth_token,
+            "from": "+15005550006", "base_url": box.url, "rate_per_second": 0, "timeout": 1,
+            "reconcile_after": 2, "concurrency": 4}}})
+        h.app._channels.pop("sms")  # the real adapter, built from the config
+        h.members(*({"id": f"b{i}", "phone": f"+86138001380{i:02d}", "birthday": "1990-05-20",
+                     "timezone": "Asia/Shanghai", "locale": "en", "sms_opt_in": True} for i in range(30)))
+        now = h.at("2026-05-20T10:01:00+08:00")
+        for _ in range(12):
+            h.tick(now)
+            if not h.log(status="queued") and not h.log(status="unknown"):
+                break
+            now += timedelta(minutes=2)
+        rows = [r for r in h.log() if r["channel"] == "sms"]
+        h.close()
+    assert len(rows) == 30 and {r["status"] for r in rows} == {"sent"}
+    assert box.duplicates() == {}
+    assert sorted(Counter(m["to"] for m in box.messages()).values()) == [1] * 30
+    reconciled = [r for r in rows if r["reason"] == "reconciled"]
+    assert reconciled  # some answers never came and were settled by a look-up, with the provider's id
+    assert {r["provider_id"] for r in rows} == {m["sid"] for m in box.messages()}
