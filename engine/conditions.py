@@ -28,7 +28,7 @@ from engine.attributes import Attribute, Kind
 from engine.computed import computed_sql
 from engine.durations import parse_duration
 from engine.models import members
-from engine.problems import Problems, did_you_mean
+from engine.problems import Problems, shown
 from engine.yamlsrc import UNKNOWN, Mark, YMap, YSeq
 
 OPERATORS = ("eq", "ne", "in", "gt", "gte", "lt", "lte", "before", "within", "exists")
@@ -78,81 +78,139 @@ def _mark(container: Any, key: Any) -> Mark:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse(value: Any, mark: Mark, problems: Problems, where: str, *, allow_event: bool = False) -> Condition | None:
-    """Parse a condition; on error add problems (naming WHERE) and return None."""
-    if not isinstance(value, dict) or not value:
-        problems.add(mark, f"{where} must be a mapping such as {{tier: gold}} or {{all: [...]}}, got: {value!r}")
-        return None
-    parts: list[Condition] = []
-    ok = True
-    for key, item in value.items():
-        item_mark = _mark(value, key)
-        key_mark = value.key_mark(key) if isinstance(value, YMap) else UNKNOWN
-        part = _parse_entry(key, item, key_mark, item_mark, problems, f"{where}.{key}", allow_event)
-        if part is None:
-            ok = False
-        else:
-            parts.append(part)
-    if not ok:
-        return None
-    return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+# all:/any:/not: inside each other, at most (and, counting the segments a condition uses, see ``nesting``). Real
+# conditions nest three or four levels; the bound keeps evaluate() and to_sql(), which recurse once per level,
+# and SQLAlchemy's compiler, which recurses a few times per level, far from Python's recursion limit.
+MAX_DEPTH = 32
+_NESTING = ("all", "any", "not")
 
 
-def _parse_entry(
-    key: str, item: Any, key_mark: Mark, mark: Mark, problems: Problems, where: str, allow_event: bool
-) -> Condition | None:
-    if key in ("all", "any"):
-        if not isinstance(item, list) or not item:
-            problems.add(mark, f"{where} must be a non-empty list of conditions, got: {item!r}")
+def parse(value: Any, mark: Mark, problems: Problems, where: str, *, allow_event: bool = False,
+          stored: bool = False) -> Condition | None:
+    """Parse a condition; on error add problems (naming WHERE) and return None.
+
+    STORED: a condition re-read from a stored journey version; it was valid when stored, so the limits added
+    since (nesting depth, number sizes, duration horizon) do not apply to it.
+    """
+    return _Parser(problems, where, allow_event, stored).parse(value, mark, where, 0)
+
+
+class _Parser:
+    def __init__(self, problems: Problems, root: str, allow_event: bool, stored: bool) -> None:
+        self.problems = problems
+        self.root = root  # where the condition is, for messages about the whole of it
+        self.allow_event = allow_event
+        self.stored = stored
+
+    def parse(self, value: Any, mark: Mark, where: str, depth: int) -> Condition | None:
+        problems = self.problems
+        if not isinstance(value, dict) or not value:
+            problems.add(mark, f"{where} must be a mapping such as {{tier: gold}} or {{all: [...]}}, "
+                               f"got: {shown(value)}")
             return None
-        items = [parse(sub, _mark(item, i), problems, f"{where}[{i}]", allow_event=allow_event)
-                 for i, sub in enumerate(item)]
-        if any(i is None for i in items):
+        parts: list[Condition] = []
+        ok = True
+        for key, item in value.items():
+            item_mark = _mark(value, key)
+            key_mark = value.key_mark(key) if isinstance(value, YMap) else UNKNOWN
+            if key in _NESTING and depth >= MAX_DEPTH and not self.stored:
+                problems.add(key_mark, f"{self.root} must nest all:, any: and not: at most {MAX_DEPTH} levels "
+                                       f"deep, got: {key}: at level {depth + 1} here; simplify the condition")
+                ok = False
+                continue
+            part = self._entry(key, item, key_mark, item_mark, f"{where}.{key}", depth)
+            if part is None:
+                ok = False
+            else:
+                parts.append(part)
+        if not ok:
             return None
-        clean = tuple(i for i in items if i is not None)
-        return AllOf(clean) if key == "all" else AnyOf(clean)
-    if key == "not":
-        inner = parse(item, mark, problems, where, allow_event=allow_event)
-        return None if inner is None else NotOf(inner)
-    if key == "segment":
-        if not isinstance(item, str) or not item:
-            problems.add(mark, f"{where} must be the name of a segment in rules/segments.yaml, got: {item!r}")
+        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+    def _entry(self, key: str, item: Any, key_mark: Mark, mark: Mark, where: str, depth: int) -> Condition | None:
+        problems, allow_event = self.problems, self.allow_event
+        if key in ("all", "any"):
+            if not isinstance(item, list) or not item:
+                problems.add(mark, f"{where} must be a non-empty list of conditions, got: {shown(item)}")
+                return None
+            items = [self.parse(sub, _mark(item, i), f"{where}[{i}]", depth + 1) for i, sub in enumerate(item)]
+            if any(i is None for i in items):
+                return None
+            clean = tuple(i for i in items if i is not None)
+            return AllOf(clean) if key == "all" else AnyOf(clean)
+        if key == "not":
+            inner = self.parse(item, mark, where, depth + 1)
+            return None if inner is None else NotOf(inner)
+        if key == "segment":
+            if not isinstance(item, str) or not item:
+                problems.add(mark, f"{where} must be the name of a segment in rules/segments.yaml, "
+                                   f"got: {shown(item)}")
+                return None
+            return SegmentRef(item, mark)
+        attribute = attrs.resolve(key, allow_event=allow_event)
+        if attribute is None and key.startswith("event.") and not allow_event:
+            container = where[: -len(key) - 1] or "this condition"
+            problems.add(key_mark, f"{key!r} is a property of the triggering event, which {container} cannot use; "
+                                   "event.NAME works only in an event trigger's where:, exit_when.where and "
+                                   "goal.where")
             return None
-        return SegmentRef(item, mark)
-    attribute = attrs.resolve(key, allow_event=allow_event)
-    if attribute is None and key.startswith("event.") and not allow_event:
-        container = where[: -len(key) - 1] or "this condition"
-        problems.add(key_mark, f"{key!r} is a property of the triggering event, which {container} cannot use; "
-                               "event.NAME works only in an event trigger's where:, exit_when.where and goal.where")
-        return None
-    if attribute is None:
-        choices = [*attrs.BUILTIN, *_COMBINATORS, *attrs.COMPUTED_EXAMPLES]
-        hint = did_you_mean(key, choices)
-        extra = " (your own attributes are written attributes.NAME"
-        extra += ", event properties event.NAME)" if allow_event else ")"
-        problems.add(key_mark, f"unknown attribute {key!r}{hint}{extra}")
-        return None
-    if not isinstance(item, dict):
-        # Shorthand: `tier: gold` means `tier: {eq: gold}`.
-        return _parse_test(attribute, "eq", item, mark, problems, where)
-    tests: list[Condition] = []
-    ok = True
-    for op, operand in item.items():
-        op_mark = item.key_mark(op) if isinstance(item, YMap) else UNKNOWN
-        if op not in OPERATORS:
-            problems.add(op_mark, f"unknown test {op!r} in {where}{did_you_mean(op, OPERATORS)}")
-            ok = False
+        if attribute is None:
+            choices = [*attrs.BUILTIN, *_COMBINATORS, *attrs.COMPUTED_EXAMPLES]
+            hint = problems.suggest(key, choices)
+            extra = " (your own attributes are written attributes.NAME"
+            extra += ", event properties event.NAME)" if allow_event else ")"
+            problems.add(key_mark, f"unknown attribute {key!r}{hint}{extra}")
+            return None
+        if not isinstance(item, dict):
+            # Shorthand: `tier: gold` means `tier: {eq: gold}`.
+            return _parse_test(attribute, "eq", item, mark, problems, where, self.stored)
+        tests: list[Condition] = []
+        ok = True
+        for op, operand in item.items():
+            op_mark = item.key_mark(op) if isinstance(item, YMap) else UNKNOWN
+            if op not in OPERATORS:
+                problems.add(op_mark, f"unknown test {op!r} in {where}{problems.suggest(op, OPERATORS)}")
+                ok = False
+                continue
+            test = _parse_test(attribute, op, operand, _mark(item, op), problems, f"{where}.{op}", self.stored)
+            if test is None:
+                ok = False
+            else:
+                tests.append(test)
+        if not ok or not tests:
+            if ok:
+                problems.add(mark, f"{where} needs a test such as {{eq: ...}}; expected one of: "
+                                   f"{', '.join(OPERATORS)}")
+            return None
+        return tests[0] if len(tests) == 1 else AllOf(tuple(tests))
+
+
+Nesting = tuple[int, list[tuple[str, int, Mark]]]
+
+
+def nesting(value: Any) -> Nesting:
+    """How deep a condition AS WRITTEN nests all:/any:/not:, and each ``segment:`` it names with the depth it is
+    named at, so that the rulebook can add the depth of the segments themselves (see ``MAX_DEPTH``).
+
+    Walks the raw YAML without recursion, whatever it holds; mappings of tests under an attribute are not
+    conditions and are not entered.
+    """
+    deepest = 0
+    refs: list[tuple[str, int, Mark]] = []
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        current, depth = todo.pop()
+        if not isinstance(current, dict):
             continue
-        test = _parse_test(attribute, op, operand, _mark(item, op), problems, f"{where}.{op}")
-        if test is None:
-            ok = False
-        else:
-            tests.append(test)
-    if not ok or not tests:
-        if ok:
-            problems.add(mark, f"{where} needs a test such as {{eq: ...}}; expected one of: {', '.join(OPERATORS)}")
-        return None
-    return tests[0] if len(tests) == 1 else AllOf(tuple(tests))
+        deepest = max(deepest, depth)
+        for key, item in current.items():
+            if key in ("all", "any") and isinstance(item, list):
+                todo.extend((sub, depth + 1) for sub in item)
+            elif key == "not":
+                todo.append((item, depth + 1))
+            elif key == "segment" and isinstance(item, str):
+                refs.append((item, depth, _mark(current, key)))
+    return deepest, refs
 
 
 def _parse_time(text: Any, kind: Kind) -> datetime | date | None:
@@ -180,11 +238,12 @@ def _scalar_ok(attribute: Attribute, value: Any) -> bool:
     return False
 
 
-def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems: Problems, where: str) -> Test | None:
+def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems: Problems, where: str,
+                stored: bool = False) -> Test | None:
     name, kind = attribute.name, attribute.kind
 
     def bad(expected: str) -> None:
-        problems.add(mark, f"{where} must be {expected}, got: {value!r}")
+        problems.add(mark, f"{where} must be {expected}, got: {shown(value)}")
 
     if op == "exists":
         if not isinstance(value, bool):
@@ -198,7 +257,7 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
                                "lt or lte")
             return None
         try:
-            return Test(attribute, op, parse_duration(value))
+            return Test(attribute, op, parse_duration(value, bounded=not stored))
         except ValueError as exc:
             problems.add(mark, f"{where}: {exc}")
             return None
@@ -219,7 +278,7 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
         unknown = [v for v in value if attribute.choices and v not in attribute.choices]
         if unknown:
             problems.add(mark, f"{where}: {name} is never {unknown[0]!r}"
-                               f"{did_you_mean(str(unknown[0]), attribute.choices)}")
+                               f"{problems.suggest(str(unknown[0]), attribute.choices)}")
             return None
         kinds = {_value_kind(v) for v in value}
         if len(kinds) > 1:
@@ -230,7 +289,7 @@ def _parse_test(attribute: Attribute, op: str, value: Any, mark: Mark, problems:
         bad(_KIND_VALUE[kind])
         return None
     if attribute.choices and value not in attribute.choices:
-        problems.add(mark, f"{where}: {name} is never {value!r}{did_you_mean(str(value), attribute.choices)}")
+        problems.add(mark, f"{where}: {name} is never {value!r}{problems.suggest(str(value), attribute.choices)}")
         return None
     if op in _ORDERED and (_value_kind(value) != "number"):
         bad("a number (gt/gte/lt/lte compare numbers and dates only)")

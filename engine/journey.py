@@ -14,14 +14,21 @@ from typing import Any, Literal
 from engine import conditions as cond
 from engine.attributes import DATE_ATTRIBUTES
 from engine.conditions import Condition
-from engine.durations import parse_duration
-from engine.problems import Problems, did_you_mean
+from engine.durations import DurationTooLong, parse_duration
+from engine.problems import Problems, shown
 from engine.yamlsrc import UNKNOWN, Mark, YMap
 
 JOURNEY_ID = re.compile(r"^[a-z0-9_]+$")
 STEP_ID = re.compile(r"^[a-z0-9_]+$")
 HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
 CHANNELS = ("email", "sms")
+# The widths of the database columns these names are written to (engine/models.py): a longer name would pass
+# on SQLite, which does not enforce VARCHAR lengths, and fail every write on PostgreSQL.
+MAX_ID = 64  # journey, step and split variant ids; event types
+MAX_TIER_ID = 32  # members.tier
+MAX_TEMPLATE = 200  # messages.template
+MAX_POINTS = 1_000_000_000  # update.points, either way: members.points is a 32-bit INTEGER on PostgreSQL
+MAX_OFFSET_DAYS = 366  # a date trigger's offset: within a year either side of the date
 STATUSES = ("active", "paused", "draft")
 END = "end"
 
@@ -190,8 +197,10 @@ class Journey:
 
 
 class _Ctx:
-    def __init__(self, problems: Problems) -> None:
+    def __init__(self, problems: Problems, stored: bool = False) -> None:
         self.problems = problems
+        # A stored journey version was valid when stored: the limits added since do not apply to it.
+        self.stored = stored
 
     def add(self, mark: Mark, message: str) -> None:
         self.problems.add(mark, message)
@@ -204,7 +213,7 @@ class _Ctx:
         for key in data:
             if key not in allowed:
                 mark = data.key_mark(key) if isinstance(data, YMap) else UNKNOWN
-                self.add(mark, f"unknown key {key!r} in {where}{did_you_mean(key, allowed)}")
+                self.add(mark, f"unknown key {key!r} in {where}{self.problems.suggest(key, allowed)}")
                 ok = False
         for key in required:
             if key not in data:
@@ -213,22 +222,33 @@ class _Ctx:
                 ok = False
         return ok
 
-    def text(self, data: Any, key: str, where: str) -> str | None:
+    def text(self, data: Any, key: str, where: str, longest: int | None = None) -> str | None:
         value = data.get(key)
         if not isinstance(value, str) or not value.strip():
-            self.add(vmark(data, key), f"{where}.{key} must be text, got: {value!r}")
+            self.add(vmark(data, key), f"{where}.{key} must be text, got: {shown(value)}")
+            return None
+        if longest is not None and not self.fits(value, longest, vmark(data, key), f"{where}.{key}"):
             return None
         return value
 
+    def fits(self, value: str, longest: int, mark: Mark, what: str) -> bool:
+        """VALUE fits the database column it is written to (or is from a stored version, which fitted then)."""
+        if len(value) <= longest or self.stored:
+            return True
+        self.add(mark, f"{what} must be at most {longest} characters (the database holds no more), got: "
+                       f"{len(value):,} characters; shorten it")
+        return False
+
     def duration(self, data: Any, key: str, where: str) -> timedelta | None:
         try:
-            return parse_duration(data.get(key))
+            return parse_duration(data.get(key), bounded=not self.stored)
         except ValueError as exc:
             self.add(vmark(data, key), f"{where}.{key}: {exc}")
             return None
 
     def condition(self, data: Any, key: str, where: str, *, allow_event: bool = False) -> Condition | None:
-        return cond.parse(data.get(key), vmark(data, key), self.problems, f"{where}.{key}", allow_event=allow_event)
+        return cond.parse(data.get(key), vmark(data, key), self.problems, f"{where}.{key}", allow_event=allow_event,
+                          stored=self.stored)
 
 
 def vmark(data: Any, key: str) -> Mark:
@@ -252,9 +272,13 @@ _TOP = ("journey", "name", "description", "status", "category", "trigger", "entr
 CATEGORIES = ("marketing", "transactional")
 
 
-def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | None:
-    """Build a Journey from parsed YAML; None (with problems added) if anything is wrong."""
-    ctx = _Ctx(problems)
+def parse_journey(data: Any, problems: Problems, source: str = "", *, stored: bool = False) -> Journey | None:
+    """Build a Journey from parsed YAML; None (with problems added) if anything is wrong.
+
+    STORED: DATA is a journey version stored in the database; it was valid when stored, so the limits added
+    since (lengths, number and duration bounds, condition depth) do not apply to it.
+    """
+    ctx = _Ctx(problems, stored)
     before = len(problems.items)
     if _not_a_journey(ctx, data):
         return None
@@ -262,8 +286,10 @@ def parse_journey(data: Any, problems: Problems, source: str = "") -> Journey | 
         return None
     journey_id = data.get("journey")
     if "journey" in data and (not isinstance(journey_id, str) or not JOURNEY_ID.match(journey_id)):
-        ctx.add(vmark(data, "journey"), f"journey id must use only a-z, 0-9 and _, got: {journey_id!r}"
+        ctx.add(vmark(data, "journey"), f"journey id must use only a-z, 0-9 and _, got: {shown(journey_id)}"
                 f"{_id_suggestion(journey_id)}")
+    elif "journey" in data:
+        ctx.fits(journey_id, MAX_ID, vmark(data, "journey"), "journey id")
     name = data.get("name", journey_id)
     if "name" in data and not isinstance(name, str):
         ctx.add(vmark(data, "name"), f"name must be text, got: {name!r}")
@@ -314,7 +340,7 @@ def _not_a_journey(ctx: _Ctx, data: Any) -> bool:
 def _id_suggestion(value: Any) -> str:
     if not isinstance(value, str):
         return ""
-    fixed = re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
+    fixed = re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")[:MAX_ID].strip("_")
     return f"; for example {fixed!r}" if fixed else ""
 
 
@@ -342,7 +368,7 @@ def _trigger(ctx: _Ctx, data: Any, mark: Mark) -> Trigger | None:
     if kind == "event":
         if not ctx.keys(data, "trigger", ("event", "where")):
             return None
-        event = ctx.text(data, "event", "trigger")
+        event = ctx.text(data, "event", "trigger", MAX_ID)
         where = ctx.condition(data, "where", "trigger", allow_event=True) if "where" in data else None
         if event is None or ("where" in data and where is None):
             return None
@@ -359,18 +385,30 @@ def _trigger(ctx: _Ctx, data: Any, mark: Mark) -> Trigger | None:
         return None
     attribute = data.get("date")
     if attribute not in DATE_ATTRIBUTES:
-        ctx.add(vmark(data, "date"), f"trigger.date must be one of {', '.join(DATE_ATTRIBUTES)}, got: {attribute!r}")
+        ctx.add(vmark(data, "date"), f"trigger.date must be one of {', '.join(DATE_ATTRIBUTES)}, "
+                f"got: {shown(attribute)}")
         return None
     at = _hhmm(ctx, data, "at", "trigger")
-    offset = 0
-    if "offset" in data:
-        raw = data["offset"]
-        match = re.match(r"^([+-]?)(\d+)d$", raw) if isinstance(raw, str) else None
-        if match is None:
-            ctx.add(vmark(data, "offset"), f"trigger.offset must be whole days such as -3d or 1d, got: {raw!r}")
-            return None
-        offset = int(match.group(2)) * (-1 if match.group(1) == "-" else 1)
-    return None if at is None else DateTrigger(str(attribute), at, offset)
+    offset = _offset(ctx, data) if "offset" in data else 0
+    return None if at is None or offset is None else DateTrigger(str(attribute), at, offset)
+
+
+def _offset(ctx: _Ctx, data: Any) -> int | None:
+    raw = data["offset"]
+    match = re.match(r"^([+-]?)(\d+)d$", raw) if isinstance(raw, str) else None
+    if match is None:
+        ctx.add(vmark(data, "offset"), f"trigger.offset must be whole days such as -3d or 1d, got: {shown(raw)}")
+        return None
+    digits = match.group(2).lstrip("0") or "0"
+    # Digits first: int() refuses more than 4,300 of them, and dates a huge offset away overflow.
+    if (len(digits) > 3 or int(digits) > MAX_OFFSET_DAYS) and not ctx.stored:
+        ctx.add(vmark(data, "offset"), f"trigger.offset must be at most {MAX_OFFSET_DAYS}d either way "
+                f"(within a year of the date), got: {shown(raw)}")
+        return None
+    if len(digits) > 9:  # a stored version: still no more than timedelta holds
+        ctx.add(vmark(data, "offset"), f"trigger.offset must be at most 999999999d, got: {shown(raw)}")
+        return None
+    return int(digits) * (-1 if match.group(1) == "-" else 1)
 
 
 def _hhmm(ctx: _Ctx, data: Any, key: str, where: str) -> time | None:
@@ -393,11 +431,13 @@ def _entry(ctx: _Ctx, data: Any) -> Entry:
     if value in ("never", "always"):
         return Entry(value, cap)
     try:
-        return Entry(parse_duration(value), cap)
+        return Entry(parse_duration(value, bounded=not ctx.stored), cap)
+    except DurationTooLong as exc:
+        ctx.add(vmark(data, "reentry"), f"entry.reentry: {exc}")
     except ValueError:
         ctx.add(vmark(data, "reentry"),
-                f"entry.reentry must be never, always or a cooldown such as 180d, got: {value!r}")
-        return Entry(max_per_day=cap)
+                f"entry.reentry must be never, always or a cooldown such as 180d, got: {shown(value)}")
+    return Entry(max_per_day=cap)
 
 
 def _exit(ctx: _Ctx, data: Any) -> ExitRule | None:
@@ -407,7 +447,7 @@ def _exit(ctx: _Ctx, data: Any) -> ExitRule | None:
         ctx.add(getattr(data, "mark", UNKNOWN), "exit_when must have exactly one of event: or segment:")
         return None
     if "event" in data:
-        event = ctx.text(data, "event", "exit_when")
+        event = ctx.text(data, "event", "exit_when", MAX_ID)
         where = ctx.condition(data, "where", "exit_when", allow_event=True) if "where" in data else None
         return ExitRule(event=event, where=where) if event else None
     if "where" in data:
@@ -423,7 +463,7 @@ def _exit(ctx: _Ctx, data: Any) -> ExitRule | None:
 def _goal(ctx: _Ctx, data: Any) -> Goal | None:
     if not ctx.keys(data, "goal", ("event", "within", "where"), ("event", "within")):
         return None
-    event = ctx.text(data, "event", "goal")
+    event = ctx.text(data, "event", "goal", MAX_ID)
     within = ctx.duration(data, "within", "goal")
     where = ctx.condition(data, "where", "goal", allow_event=True) if "where" in data else None
     if event is None or within is None:
@@ -460,7 +500,7 @@ def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
         if len(kinds) != 1:
             found = f" (found {', '.join(kinds)})" if kinds else ""
             unknown = [k for k in raw if k not in {k for v in _STEP_KEYS.values() for k in v}]
-            hint = "".join(f"; unknown key {k!r}{did_you_mean(k, _STEP_KINDS)}" for k in unknown)
+            hint = "".join(f"; unknown key {k!r}{ctx.problems.suggest(k, _STEP_KINDS)}" for k in unknown)
             at = kmark(raw, unknown[0]) if unknown and not kinds else item_mark
             ctx.add(at, f"{where} must have exactly one of send:, wait:, if:, split:, update:, end:{found}{hint}")
             continue
@@ -469,7 +509,9 @@ def _steps(ctx: _Ctx, data: Any, mark: Mark) -> list[Step]:
             continue
         step_id = raw.get("id", f"{kind}_{index + 1}")
         if not isinstance(step_id, str) or not STEP_ID.match(step_id):
-            ctx.add(vmark(raw, "id"), f"{where}.id must use only a-z, 0-9 and _, got: {step_id!r}")
+            ctx.add(vmark(raw, "id"), f"{where}.id must use only a-z, 0-9 and _, got: {shown(step_id)}")
+            continue
+        if not ctx.fits(step_id, MAX_ID, vmark(raw, "id"), f"{where}.id"):
             continue
         if kind in ("send", "if", "split") and "id" not in raw:
             ctx.add(item_mark, f"{where} needs an id (e.g. id: first_touch): the message log is keyed by step id")
@@ -496,7 +538,7 @@ def _step(ctx: _Ctx, kind: str, step_id: str, raw: Any, where: str) -> Step | No
             ctx.add(vmark(raw, "send"), f"{where} needs template: naming the message to send, "
                     "e.g. template: welcome/welcome_email (a file under templates/<locale>/)")
             return None
-        template = ctx.text(raw, "template", where)
+        template = ctx.text(raw, "template", where, MAX_TEMPLATE)
         fallback = raw.get("fallback")
         if fallback is not None and (fallback not in CHANNELS or fallback == channel):
             ctx.add(vmark(raw, "fallback"), f"{where}.fallback must be the other channel, got: {fallback!r}")
@@ -536,7 +578,7 @@ def _wait(ctx: _Ctx, step_id: str, raw: Any, where: str) -> WaitStep | None:
     if "until_event" in value:
         if not ctx.keys(value, f"{where}.wait", ("until_event", "timeout"), ("until_event", "timeout")):
             return None
-        event = ctx.text(value, "until_event", f"{where}.wait")
+        event = ctx.text(value, "until_event", f"{where}.wait", MAX_ID)
         timeout = ctx.duration(value, "timeout", f"{where}.wait")
         targets = [raw.get(k) for k in ("then", "timeout_then")]
         for key, target in zip(("then", "timeout_then"), targets, strict=True):
@@ -579,7 +621,9 @@ def _split(ctx: _Ctx, step_id: str, raw: Any, where: str) -> SplitStep | None:
         name, weight, then = item.get("variant"), item.get("weight"), item.get("then")
         if not isinstance(name, str) or not STEP_ID.match(name) or name == "holdout":
             ctx.add(vmark(item, "variant"), f"{at}.variant must be a name of a-z, 0-9 and _ (not holdout), "
-                    f"got: {name!r}")
+                    f"got: {shown(name)}")
+            return None
+        if not ctx.fits(name, MAX_ID, vmark(item, "variant"), f"{at}.variant"):
             return None
         if isinstance(weight, bool) or not isinstance(weight, int) or weight <= 0:
             ctx.add(vmark(item, "weight"), f"{at}.weight must be a whole percentage above 0, got: {weight!r}")
@@ -611,10 +655,17 @@ def _update(ctx: _Ctx, step_id: str, raw: Any, where: str) -> UpdateStep | None:
     points, tier = value.get("points"), value.get("tier")
     if points is not None and (isinstance(points, bool) or not isinstance(points, int) or points == 0):
         ctx.add(vmark(value, "points"), f"{where}.update.points must be a whole number (negative to deduct), "
-                f"got: {points!r}")
+                f"got: {shown(points)}")
+        return None
+    if points is not None and abs(points) > MAX_POINTS and not ctx.stored:
+        ctx.add(vmark(value, "points"), f"{where}.update.points must be between -{MAX_POINTS:,} and "
+                f"{MAX_POINTS:,}, got: {points:,}")
         return None
     if tier is not None and (not isinstance(tier, str) or not STEP_ID.match(tier)):
-        ctx.add(vmark(value, "tier"), f"{where}.update.tier must be a tier id from rules/loyalty.yaml, got: {tier!r}")
+        ctx.add(vmark(value, "tier"), f"{where}.update.tier must be a tier id from rules/loyalty.yaml, "
+                f"got: {shown(tier)}")
+        return None
+    if tier is not None and not ctx.fits(tier, MAX_TIER_ID, vmark(value, "tier"), f"{where}.update.tier"):
         return None
     tags = []
     for key in ("add_tags", "remove_tags"):
@@ -646,6 +697,7 @@ def _check_targets(ctx: _Ctx, raw_steps: Any) -> None:
     if not isinstance(raw_steps, list):
         return
     ids = _raw_step_ids(raw_steps)
+    known, choices = set(ids), [*ids, END]
     for index, raw in enumerate(raw_steps):
         if not isinstance(raw, dict):
             continue
@@ -655,9 +707,9 @@ def _check_targets(ctx: _Ctx, raw_steps: Any) -> None:
                        for i, item in enumerate(raw["split"]) if isinstance(item, dict)]
         for container, key, where in places:
             target = container.get(key)
-            if isinstance(target, str) and target != END and target not in ids:
-                ctx.add(vmark(container, key), f"{where} names step {target!r}, which does not exist"
-                        f"{did_you_mean(target, [*ids, END])}")
+            if isinstance(target, str) and target != END and target not in known:
+                ctx.add(vmark(container, key), f"{where} names step {shown(target)}, which does not exist"
+                        f"{ctx.problems.suggest(target, choices)}")
 
 
 def _check_graph(ctx: _Ctx, journey: Journey, raw_steps: Any) -> None:
@@ -680,21 +732,68 @@ def _check_graph(ctx: _Ctx, journey: Journey, raw_steps: Any) -> None:
 
 
 def _check_loops(ctx: _Ctx, journey: Journey, marks: dict[int, Mark]) -> None:
-    """A loop is fine only if it waits somewhere; otherwise a tick would spin forever."""
-    index = {s.id: i for i, s in enumerate(journey.steps)}
-    for start in journey.steps:
-        stack: list[tuple[str, frozenset[str]]] = [(start.id, frozenset())]
-        while stack:
-            current, path = stack.pop()
-            step = journey.step(current)
-            if isinstance(step, WaitStep):
+    """A loop is fine only if it waits somewhere; otherwise a tick would spin forever.
+
+    The steps that are not waits, with the jumps between them, form a graph; a loop without a wait is one of its
+    strongly connected components with more than one step, or a step that jumps to itself. Each such loop is
+    reported once, at its first step in the file. Linear in steps and jumps (iterative Tarjan).
+    """
+    for component in _wait_free_loops(journey):
+        first = min(component)
+        ctx.add(marks.get(first, UNKNOWN), f"steps loop back to {journey.steps[first].id!r} without a wait: "
+                "add a wait step inside the loop")
+
+
+def _wait_free_loops(journey: Journey) -> list[list[int]]:
+    steps = journey.steps
+    position = {s.id: i for i, s in enumerate(steps)}
+    jumps: list[list[int]] = [[] for _ in steps]
+    for i, step in enumerate(steps):
+        if isinstance(step, WaitStep):
+            continue
+        for target in journey.successors(step):
+            if target is not None and not isinstance(steps[position[target]], WaitStep):
+                jumps[i].append(position[target])
+    order = [-1] * len(steps)  # when each step was first reached; -1: not yet
+    low = [0] * len(steps)
+    on_stack = [False] * len(steps)
+    stack: list[int] = []
+    loops: list[list[int]] = []
+    counter = 0
+    for root in range(len(steps)):
+        if order[root] != -1 or isinstance(steps[root], WaitStep):
+            continue
+        order[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack[root] = True
+        work = [(root, 0)]
+        while work:
+            v, next_jump = work[-1]
+            if next_jump < len(jumps[v]):
+                work[-1] = (v, next_jump + 1)
+                w = jumps[v][next_jump]
+                if order[w] == -1:
+                    order[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack[w] = True
+                    work.append((w, 0))
+                elif on_stack[w]:
+                    low[v] = min(low[v], order[w])
                 continue
-            if current in path:
-                if current == start.id:
-                    ctx.add(marks.get(index[current], UNKNOWN),
-                            f"steps loop back to {current!r} without a wait: add a wait step inside the loop")
-                    return
-                continue
-            for nxt in journey.successors(step):
-                if nxt is not None:
-                    stack.append((nxt, path | {current}))
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+            if low[v] == order[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    component.append(w)
+                    if w == v:
+                        break
+                if len(component) > 1 or v in jumps[v]:
+                    loops.append(component)
+    return sorted(loops, key=min)

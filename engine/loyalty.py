@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeGuard
 
-from engine.durations import format_duration, parse_duration
-from engine.problems import Problems, did_you_mean
+from engine.durations import DurationTooLong, format_duration, parse_duration
+from engine.problems import Problems, shown
 from engine.yamlsrc import UNKNOWN, YMap
 
 TIER_ID = re.compile(r"^[a-z0-9_]+$")
 EVENT_TYPE = re.compile(r"^[a-z0-9_]+$")
+# Column widths and sizes the values are written to (engine/models.py): members.tier is VARCHAR(32), event types
+# VARCHAR(64), and points go into 32-bit INTEGER columns on PostgreSQL.
+MAX_TIER_ID = 32
+MAX_EVENT_TYPE = 64
+MAX_EARN = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,8 @@ def _duration(none_word: str | None = None) -> Reader:
             return None
         try:
             return parse_duration(value)
+        except DurationTooLong as exc:
+            raise ValueError(str(exc).removeprefix("duration ")) from None
         except ValueError:
             also = f", or {none_word}" if none_word else ""
             raise ValueError(f"must be a duration such as 30d, 12h or 52w{also}, got: {value!r}") from None
@@ -176,12 +183,16 @@ def _earn(value: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for kind, points in value.items():
         if not isinstance(kind, str) or not EVENT_TYPE.match(kind):
-            raise ValueError(f"event type {kind!r} must use a-z, 0-9 and _")
+            raise ValueError(f"event type {shown(kind)} must use a-z, 0-9 and _")
+        if len(kind) > MAX_EVENT_TYPE:
+            raise ValueError(f"event type must be at most {MAX_EVENT_TYPE} characters (the database holds no more), "
+                             f"got: {len(kind):,} characters; shorten it")
         if kind == "purchase":
             raise ValueError("purchases earn per_currency_unit points (times the tier's points_multiplier); "
                              "remove purchase from earn")
-        if isinstance(points, bool) or not isinstance(points, int) or points <= 0:
-            raise ValueError(f"{kind} must earn a whole number of points above 0, got: {points!r}")
+        if isinstance(points, bool) or not isinstance(points, int) or not 0 < points <= MAX_EARN:
+            raise ValueError(f"{kind} must earn a whole number of points from 1 to {MAX_EARN:,}, "
+                             f"got: {shown(points)}")
         out[kind] = points
     return out
 
@@ -197,7 +208,7 @@ def _section(data: Any, key: str, fields: dict[str, Reader], problems: Problems,
     out: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in fields:
-            problems.add(_kmark(raw, name), f"unknown key {name!r} in {key}{did_you_mean(name, fields)}")
+            problems.add(_kmark(raw, name), f"unknown key {name!r} in {key}{problems.suggest(name, fields)}")
             continue
         try:
             out[name] = fields[name](value)
@@ -214,7 +225,7 @@ def parse_loyalty(data: Any, problems: Problems) -> Loyalty | None:
         return None
     for key in data:
         if key not in _TOP:
-            problems.add(_kmark(data, key), f"unknown key {key!r}{did_you_mean(key, _TOP)}")
+            problems.add(_kmark(data, key), f"unknown key {key!r}{problems.suggest(key, _TOP)}")
     raw_tiers = data.get("tiers")
     if not isinstance(raw_tiers, list) or not raw_tiers:
         problems.add(_vmark(data, "tiers"), "tiers must be a non-empty list, lowest tier first")
@@ -269,12 +280,16 @@ def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | No
     ok = True
     for key in raw:
         if key not in _TIER_KEYS:
-            problems.add(_kmark(raw, key), f"unknown key {key!r} in {where}{did_you_mean(key, _TIER_KEYS)}")
+            problems.add(_kmark(raw, key), f"unknown key {key!r} in {where}{problems.suggest(key, _TIER_KEYS)}")
             ok = False
     tier_id = raw.get("id")
     if not isinstance(tier_id, str) or not TIER_ID.match(tier_id):
         problems.add(_vmark(raw, "id") if "id" in raw else mark,
-                     f"{where}.id must use a-z, 0-9 and _, got: {tier_id!r}")
+                     f"{where}.id must use a-z, 0-9 and _, got: {shown(tier_id)}")
+        ok = False
+    elif len(tier_id) > MAX_TIER_ID:
+        problems.add(_vmark(raw, "id"), f"{where}.id must be at most {MAX_TIER_ID} characters (the database holds "
+                     f"no more), got: {len(tier_id):,} characters; shorten it")
         ok = False
     names = raw.get("name")
     if isinstance(names, str):
