@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 import pytest
 from babel.numbers import format_decimal
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sqlalchemy import text
 
 from channels.base import OutgoingMessage
@@ -118,7 +118,7 @@ def test_whole_numbers_read_as_babel_writes_them(locale: str) -> None:
 
 def test_the_sandbox_shortcut_answers_as_the_sandbox(tmp_path: Path) -> None:
     templates = Templates(REPO / "templates", "zh-CN")
-    plain = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
+    plain = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
     values = {"name": "x", "items": "shadowed", "keys": 1, "__class__": "k", "_private": 2}
     for attribute in ("name", "items", "keys", "get", "__class__", "_private", "missing", "update", "copy"):
         ours, theirs = templates.env.getattr(values, attribute), plain.getattr(values, attribute)

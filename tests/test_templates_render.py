@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from engine import quarantine
 from engine.testing import REPO, Harness
 
 BIRTHDAY_TICK = "2026-05-20T10:01:00+08:00"
@@ -46,11 +47,11 @@ def make_harness(tmp_path: Path, db_url: str) -> Iterator[Any]:
         harness.close()
 
 
-def test_an_undefined_variable_fails_that_message_and_the_others_still_go(tmp_path: Path, make_harness: Any) -> None:
+def test_an_undefined_variable_holds_that_member_and_the_others_still_go(tmp_path: Path, make_harness: Any) -> None:
     """The zh-CN birthday email greets members by {{ member.nickname }}, an attribute only Lin has.
 
-    Lin gets her email; Wang's fails with template_error naming the file and 'nickname' and reaches no channel, but
-    his birthday SMS (another template) still goes; Amy (English template) is untouched.
+    Lin gets her email; Wang's does not render: nothing of his step goes out or is logged, he stays at the step,
+    and the failure (naming the file and 'nickname') is set aside to be tried again; Amy (English) is untouched.
     """
     broken = templates_with(tmp_path, "zh-CN/birthday/offer.text.j2",
                             "亲爱的{{ member.nickname }}，生日快乐！送您 {{ 100 | money }} 生日礼券。\n"
@@ -60,27 +61,27 @@ def test_an_undefined_variable_fails_that_message_and_the_others_still_go(tmp_pa
                     member("amy", "Amy", locale="en"))
     report = harness.tick(BIRTHDAY_TICK)
 
-    rows = {(r["member_id"], r["step"]): r for r in harness.log()}
-    failed = rows[("wang", "birthday_email")]
-    assert failed["status"] == "failed"
-    assert failed["reason"] == "template_error"
-    assert "zh-CN/birthday/offer.text.j2" in failed["error"]
-    assert "nickname" in failed["error"]
-    assert failed["body"] is None and failed["sent_at"] is None
-    assert report.counts["failed"] == 1
+    assert report.counts["retrying"] == 1 and "failed" not in report.counts
+    assert [r for r in harness.log() if r["member_id"] == "wang"] == []  # no 'failed' row: not final
+    [stuck] = harness.enrollments(member_id="wang")
+    assert (stuck["status"], stuck["step"], stuck["failures"]) == ("active", "birthday_email", 1)
+    with harness.app.store.connect() as conn:
+        [entry] = quarantine.entries(conn)
+    assert (entry["kind"], entry["member_id"], entry["status"]) == ("enrollment", "wang", "retrying")
+    assert "zh-CN/birthday/offer.text.j2" in entry["error"] and "nickname" in entry["error"]
 
     emails = {m.member_id: m for m in harness.sent("email")}
     assert sorted(emails) == ["amy", "lin"]
     assert emails["lin"].text.startswith("亲爱的小雨，生日快乐！")
-    assert sorted(m.member_id for m in harness.sent("sms")) == ["amy", "lin", "wang"]
-    assert {k: r["status"] for k, r in rows.items() if k != ("wang", "birthday_email")} == {
-        ("lin", "birthday_email"): "sent", ("lin", "birthday_sms"): "sent",
-        ("wang", "birthday_sms"): "sent",
-        ("amy", "birthday_email"): "sent", ("amy", "birthday_sms"): "sent"}
+    assert sorted(m.member_id for m in harness.sent("sms")) == ["amy", "lin"]
 
-    harness.tick("2026-05-20T10:30:00+08:00")  # a failed render is not retried into a half-sent message
-    assert sorted(m.member_id for m in harness.sent("email")) == ["amy", "lin"]
-    assert harness.log(member_id="wang", step="birthday_email")[0]["status"] == "failed"
+    # Lin's nickname is given to Wang too: the next try sends his email, then his SMS, once each.
+    harness.members(member("wang", "王伟", nickname="伟伟"))
+    harness.tick("2026-05-20T10:30:00+08:00")
+    assert sorted(m.member_id for m in harness.sent("email")) == ["amy", "lin", "wang"]
+    assert sorted(m.member_id for m in harness.sent("sms")) == ["amy", "lin", "wang"]
+    with harness.app.store.connect() as conn:
+        assert [e["status"] for e in quarantine.entries(conn, statuses=())] == ["resolved"]
 
 
 @pytest.mark.parametrize("payload, attribute", [
@@ -97,15 +98,13 @@ def test_the_sandbox_refuses_to_reach_python_internals(tmp_path: Path, make_harn
     harness.members(member("lin", "林小雨"))
     harness.tick(BIRTHDAY_TICK)
 
-    email = harness.log(step="birthday_email")[0]
-    assert email["status"] == "failed"
-    assert email["reason"] == "template_error"
-    assert "zh-CN/birthday/offer.subject.j2" in email["error"]
-    assert "unsafe" in email["error"] and attribute in email["error"]
-    assert email["subject"] is None and email["body"] is None
-    assert "<class" not in email["error"] and "<module" not in email["error"]
-    assert harness.sent("email") == []
-    assert [m.step for m in harness.sent("sms")] == ["birthday_sms"]
+    assert harness.log() == [] and harness.sent() == []  # nothing rendered, nothing sent, nothing logged
+    with harness.app.store.connect() as conn:
+        [entry] = quarantine.entries(conn)
+    error = entry["error"]
+    assert "zh-CN/birthday/offer.subject.j2" in error
+    assert "unsafe" in error and attribute in error
+    assert "<class" not in error and "<module" not in error
 
 
 def test_money_is_written_the_way_each_locale_reads_it(harness: Harness) -> None:
