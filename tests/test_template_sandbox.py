@@ -16,7 +16,7 @@ import pytest
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine import templates as templates_module
+from engine import sandbox as sandbox_module
 from engine.context import ContextBuilder
 from engine.exceptions import TemplateRenderError
 from engine.rulebook import load_rulebook
@@ -236,7 +236,7 @@ def test_recursive_loops_count_every_level(scratch: Scratch) -> None:
 
 def test_a_slow_loop_fails_at_the_deadline(scratch: Scratch, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each iteration is cheap to write and slow to run; the clock stops the loop, not the iteration count."""
-    monkeypatch.setattr(templates_module, "RENDER_SECONDS", 0.05)
+    monkeypatch.setattr(sandbox_module, "RENDER_SECONDS", 0.05)
     message = scratch.fails("{% for i in range(90000) %}{{ ('x' * 200000)|replace('x', 'yy')|length }}"
                             "{% endfor %}")
     assert "took longer than 0.05 s" in message
@@ -244,7 +244,7 @@ def test_a_slow_loop_fails_at_the_deadline(scratch: Scratch, monkeypatch: pytest
 
 def test_a_macro_calling_itself_twice_fails_at_the_deadline(scratch: Scratch, monkeypatch: pytest.MonkeyPatch) -> None:
     """2**40 calls and no loop at all: every call looks at the clock."""
-    monkeypatch.setattr(templates_module, "RENDER_SECONDS", 0.05)
+    monkeypatch.setattr(sandbox_module, "RENDER_SECONDS", 0.05)
     message = scratch.fails("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
                             "{{ f(40) }}")
     assert "took longer than 0.05 s" in message
