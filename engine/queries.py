@@ -155,13 +155,17 @@ class Stranded(NamedTuple):
     position: str | None
 
 
-def stranded_messages(conn: Connection, now: datetime, *, other_than: str | None = None) -> list[Stranded]:
+def stranded_messages(conn: Connection, now: datetime, *, other_than: str | None = None,
+                      mine: str | None = None) -> list[Stranded]:
     """`sending` rows whose claim has run out, or (OTHER_THAN: on SQLite, where this process holds the only
-    engine lock) that any other worker claimed; locked until the caller commits. Each is in doubt (within its
+    engine lock) that any other worker claimed, or (MINE: this worker, between deliveries) that a delivery of
+    this worker left behind when it failed; locked until the caller commits. Each is in doubt (within its
     worker's hand-over) or was never handed over."""
     stale = messages.c.claimed_until < now
     if other_than is not None:
         stale = or_(stale, messages.c.claimed_by.is_(None), messages.c.claimed_by != other_than)
+    if mine is not None:
+        stale = or_(stale, messages.c.claimed_by == mine)
     rows = conn.execute(select(messages.c.id, messages.c.channel, messages.c.claimed_by)
                         .where(messages.c.status == MessageStatus.SENDING.value, stale)
                         .order_by(messages.c.id).with_for_update(skip_locked=True)).all()
@@ -240,10 +244,10 @@ def merge_answers(conn: Connection, answers: Sequence[tuple[int, str | None, int
     unknown = MessageStatus.UNKNOWN.value
     conn.execute(
         update(messages)
+        # Plain comparisons, not IN: an IN list is an "expanding" parameter, which executemany refuses (with two
+        # or more answers in a chunk this statement failed, and took the chunk's answers with it).
         .where(messages.c.id == bindparam("_id"), messages.c.status != MessageStatus.SENDING.value,
-               messages.c.status.in_([s.value for s in (MessageStatus.SENT, MessageStatus.DELIVERED,
-                                                        MessageStatus.FAILED, MessageStatus.BOUNCED,
-                                                        MessageStatus.UNKNOWN)]))
+               messages.c.status != MessageStatus.QUEUED.value, messages.c.status != MessageStatus.SUPPRESSED.value)
         .values(provider_id=func.coalesce(messages.c.provider_id, bindparam("_provider")),
                 attempts=bindparam("_attempts"),
                 sent_at=func.coalesce(messages.c.sent_at, bindparam("_sent", type_=messages.c.sent_at.type)),

@@ -60,7 +60,10 @@ def recover(store: Store, channel: Callable[[str], Channel], worker: str, now: d
         if freed:
             log.warning("freed %d enrollment(s) claimed by a stopped engine process", freed)
     with store.begin() as conn:
-        stranded = queries.stranded_messages(conn, now, other_than=worker if exclusive else None)
+        # This worker's own `sending` rows too: recovery runs before any delivery of the tick, so any left are
+        # from a delivery that failed (its answers could not be recorded), and its hand-over says which may
+        # have reached the channel, before the next delivery records another.
+        stranded = queries.stranded_messages(conn, now, other_than=worker if exclusive else None, mine=worker)
         if not stranded:
             return out
         never = [s.id for s in stranded if s.handed_at is None]
@@ -76,8 +79,9 @@ def recover(store: Store, channel: Callable[[str], Channel], worker: str, now: d
             queries.mark_in_doubt(conn, marks, now)
         queries.clear_handovers(conn, {s.worker for s in stranded if s.worker})
     out.requeued, out.in_doubt = len(never), len(doubt)
-    log.warning("recovered %d message(s) left sending by a stopped worker: %d never handed to a channel (queued "
-                "again), %d in doubt (unknown until reconciled)", len(stranded), out.requeued, out.in_doubt)
+    log.warning("recovered %d message(s) left sending by a stopped worker or a failed delivery: %d never handed "
+                "to a channel (queued again), %d in doubt (unknown until reconciled)", len(stranded), out.requeued,
+                out.in_doubt)
     return out
 
 

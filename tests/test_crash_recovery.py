@@ -258,3 +258,33 @@ def test_a_slow_provider_never_gets_two_copies(tmp_path: Path, db_url: str) -> N
     reconciled = [r for r in rows if r["reason"] == "reconciled"]
     assert reconciled  # some answers never came and were settled by a look-up, with the provider's id
     assert {r["provider_id"] for r in rows} == {m["sid"] for m in box.messages()}
+
+
+def test_answers_that_could_not_be_recorded_are_recovered_at_the_next_tick(tmp_path: Path, db_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process lives on but recording a chunk's answers fails (a bug, the database refusing): the next tick
+    finds its own rows still `sending`, and its hand-over says which reached the channel: those are reconciled,
+    the rest sent once. Never re-sent blindly: the next delivery's hand-over must not hide the failed one."""
+    from engine.delivery import Delivery
+
+    provider = Provider(in_flight=3)
+    h = Harness(tmp_path, db_url)
+    h.app._channels["email"] = provider
+    h.members(*LAPSED)
+    real = Delivery.save_results
+    calls = {"n": 0}
+
+    def fails_on_the_second_chunk(self: Delivery, *args: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("the database refused the answers")
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Delivery, "save_results", fails_on_the_second_chunk)
+    first = h.tick(NOON)
+    assert first.errors and "refused the answers" in first.errors[0]
+    report = h.tick(h.at(NOON) + timedelta(seconds=61))
+    assert (report.counts["requeued"], report.counts["unknown"], report.counts["reconciled"]) == (4, 3, 3)
+    assert {r["status"] for r in h.log()} == {"sent"}
+    assert provider.accepted == Counter({i: 1 for i in range(1, 11)})
+    h.close()
