@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from channels import Channel, build_channel
@@ -31,7 +31,7 @@ from engine.runner import Runner
 from engine.store import Store
 from engine.templates import Templates
 from engine.unsubscribe import load_secret
-from engine.versions import LiveJourney, VersionCache, sync
+from engine.versions import LiveJourney, VersionCache, last_good_templates, register_templates, sync
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class App:
         self._rules: Rulebook | None = None
         self._rules_stamp: tuple[tuple[str, float], ...] = ()
         self._secret: bytes | None = None
+        # Good template sources seen by this process (path -> source, since when), and those not stored yet.
+        self._good_templates: dict[str, tuple[str, datetime]] = {}
+        self._templates_to_store: dict[str, str] = {}
         self.runner = Runner(self, self.worker)
         #: messages settled by reconciliation in this process, by (channel, outcome): for /metrics
         self.reconciled: Counter[tuple[str, str]] = Counter()
@@ -76,15 +79,39 @@ class App:
         return tuple((str(p), p.stat().st_mtime) for p in [*paths, *templates] if p.exists())
 
     def rules(self, *, reload: bool = False) -> Rulebook:
-        """The rulebook, reloaded when any file under rules/ or templates/ changed."""
+        """The rulebook, reloaded when any file under rules/ or templates/ changed.
+
+        Templates are rules too: one saved broken keeps its last good version in use (from this process, else
+        the newest stored in ``template_versions``), and its problem says so.
+        """
         stamp = self._stamp()
         if self._rules is None or reload or stamp != self._rules_stamp:
-            self.templates.refresh()
+            self._load_templates()
             self._rules = load_rulebook(self.config.rules_path, self.templates)
             self._rules_stamp = stamp
             for problem in self._rules.problems:
                 log.error("%s", problem)
         return self._rules
+
+    def _load_templates(self) -> None:
+        now = datetime.now(UTC)
+        good = self.templates.load()
+        self._templates_to_store = good
+        for path, source in good.items():
+            if self._good_templates.get(path, ("",))[0] != source:
+                self._good_templates[path] = (source, now)
+        missing = [p for p in self.templates.broken if p not in self._good_templates]
+        if missing:
+            with self.store.connect() as conn:
+                self._good_templates.update(last_good_templates(conn, missing))
+        for path in self.templates.broken:
+            kept = self._good_templates.get(path)
+            if kept is None:
+                self.templates.note_no_good_version(path)
+                continue
+            self.templates.keep(path, kept[0], "still using its last good version, from "
+                                f"{kept[1].astimezone(UTC):%Y-%m-%d %H:%M} UTC, until it is fixed")
+            log.warning("template %s has a problem: its last good version stays in use", path)
 
     @property
     def rules_stamp(self) -> tuple[tuple[str, float], ...]:
@@ -112,6 +139,9 @@ class App:
         book = book or self.rules()
         with self.store.begin() as conn:
             live = sync(conn, self.store.dialect, book, self.versions, now)
+            if self._templates_to_store:  # good versions read since the last tick: stored for later restarts
+                register_templates(conn, self.store.dialect, self._templates_to_store, now)
+                self._templates_to_store = {}
             paused = quarantine.paused_journeys(conn)
             for journey_id, (version, error) in paused.items():
                 current = live.get(journey_id)

@@ -57,6 +57,7 @@ class Session:
     loyalty: Loyalty
     computed: tuple[str, ...]
     stamp: tuple[tuple[str, float], ...]
+    templates: dict[str, str]  # the sources the daemon renders with (last good versions included)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class _Worker:
         if job.session is not None:
             self.session = job.session
             if job.session.stamp != self.stamp:
-                self.templates.refresh()
+                self.templates.use(job.session.templates)  # never its own reading of the files
                 self.stamp = job.session.stamp
             for live in job.session.live:
                 self.cache.put(live)
@@ -166,10 +167,10 @@ class ComposeWorker:
         self._pool.submit(_started)
 
     def begin(self, live: dict[str, LiveJourney], loyalty: Loyalty, computed: list[str],
-              stamp: tuple[tuple[str, float], ...]) -> None:
+              stamp: tuple[tuple[str, float], ...], templates: dict[str, str]) -> None:
         """A new run of due enrollments: its session goes with the next job."""
         number = (self._session.number + 1) if self._session else 1
-        self._session = Session(number, tuple(live.values()), loyalty, tuple(computed), stamp)
+        self._session = Session(number, tuple(live.values()), loyalty, tuple(computed), stamp, dict(templates))
 
     def submit(self, ids: list[int], now: datetime, written: int) -> tuple[int, Future[Composed]]:
         """Compose IDS (claimed); WRITTEN: the number of the last batch written. Returns the batch's number."""

@@ -205,7 +205,7 @@ class Runner:
         Returns claimed ids still to run here, one batch at a time: empty unless the worker failed.
         """
         book = self.app.rules()
-        worker.begin(self._live, book.loyalty, computed, self.app.rules_stamp)
+        worker.begin(self._live, book.loyalty, computed, self.app.rules_stamp, self.app.templates.sources)
         written = worker.last_number
         carry: list[int] = []  # claimed, deferred by the worker: their member was in a batch not yet written
         pending = ids  # claimed, not yet handed to the worker

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html as htmllib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import lru_cache
@@ -68,51 +68,161 @@ def _babel_locale(locale: str) -> Locale:
 
 
 
+#: a template file larger than this is not loaded (one part may render at most sandbox.MAX_PART_CHARS)
+MAX_FILE_BYTES = 1024 * 1024
+
+
 class Templates:
-    """Compiled templates, cached; ``refresh()`` drops the cache so edited files are picked up."""
+    """The templates in use, compiled and cached.
+
+    They are rules like the journeys: read from the files, checked, and only good ones go into use. ``load()``
+    (re)reads the folder: a file that does not compile, uses a variable no message has, or is not UTF-8 text is a
+    problem and stays out of ``sources``; the App then puts that file's last good version back in (``keep()``),
+    so that a template saved broken while the daemon runs does not fail the messages that use it. Rendering reads
+    only ``sources``, never the files, so the compose worker (``use()``) renders exactly what the daemon does.
+    """
 
     def __init__(self, root: Path, default_locale: str, currency: str = "CNY") -> None:
         self.root = root
         self.default_locale = default_locale
         self.currency = currency
         self.env = _Sandbox(
-            loader=jinja2.FileSystemLoader(str(root)),
+            loader=jinja2.FunctionLoader(self._source),
             undefined=jinja2.StrictUndefined,
             autoescape=lambda name: bool(name and name.endswith(".html" + SUFFIX)),
-            auto_reload=True,
+            auto_reload=False,
             keep_trailing_newline=False,
             trim_blocks=True,
             lstrip_blocks=True,
         )
         self.env.filters.update(money=self._money, date=self._date, datetime=self._datetime,
                                 discount=self._discount, number=self._number)
+        #: the source in use per path under the root (e.g. zh-CN/winback/first_touch.text.j2)
+        self.sources: dict[str, str] = {}
+        #: every template file found, good or not (a journey naming a broken one is still a valid journey)
+        self.present: set[str] = set()
+        #: why a file is not in use as written, by path
+        self.broken: dict[str, Problem] = {}
+        self._problems: list[Problem] = []
+        self._loaded = False
         self._compiled: dict[str, tuple[jinja2.Template, dict[str, Any], bool, bool]] = {}
         self._resolved: dict[tuple[str, str], str | None] = {}
-        self._exists: dict[str, bool] = {}
         self._plans: dict[tuple[str, str, str | None], tuple[str, tuple[tuple[str, str | None], ...]]] = {}
 
     def refresh(self) -> None:
+        """Read the files again at the next use."""
+        self._loaded = False
+        self._forget()
+
+    def _forget(self) -> None:
         self._compiled.clear()
         self._resolved.clear()
-        self._exists.clear()
         self._plans.clear()
+        self.env.cache.clear()  # type: ignore[union-attr]
+
+    def _ensure(self) -> None:
+        if not self._loaded:
+            self.load()
+
+    def _source(self, path: str) -> tuple[str, str, Callable[[], bool]] | None:
+        self._ensure()
+        source = self.sources.get(path)
+        if source is None:
+            return None
+        return source, str(self.root / path), lambda: True  # reloads are ours (load, keep, use), not Jinja's
+
+    # ----------------------------------------------------------------- loading
+
+    def load(self) -> dict[str, str]:
+        """Read and check every file under the root; put the good ones in use. Returns them, by path."""
+        good: dict[str, str] = {}
+        problems: list[Problem] = []
+        broken: dict[str, Problem] = {}
+        present: set[str] = set()
+        if self.root.is_dir():
+            for path in sorted(self.root.rglob(f"*{SUFFIX}")):
+                rel = path.relative_to(self.root).as_posix()
+                found = self._check_file(path, rel)
+                if isinstance(found, str):
+                    good[rel] = found
+                    present.add(rel)
+                    continue
+                problems += found
+                if found and _named_right(rel):
+                    present.add(rel)
+                    broken[rel] = found[0]
+        self.sources, self.present, self.broken, self._problems = good, present, broken, problems
+        self._loaded = True
+        self._forget()
+        return dict(good)
+
+    def keep(self, path: str, source: str, note: str) -> None:
+        """Use SOURCE (its last good version) for the broken file at PATH; NOTE says so in its problem."""
+        self.sources[path] = source
+        problem = self.broken.get(path)
+        if problem is not None:
+            self._annotate(path, note)
+        self._forget()
+
+    def _annotate(self, path: str, note: str) -> None:
+        shown = str(self.root / path)
+        self._problems = [Problem(p.file, p.line, p.col, f"{p.message}; {note}") if p.file == shown else p
+                          for p in self._problems]
+
+    def note_no_good_version(self, path: str) -> None:
+        self._annotate(path, "it has no good version yet: messages that use it wait (tried again, then "
+                             "quarantined) until it is fixed")
+
+    def use(self, sources: Mapping[str, str]) -> None:
+        """Exactly these sources (the compose worker gets the daemon's, last good versions included)."""
+        self.sources, self.present, self.broken, self._problems = dict(sources), set(sources), {}, []
+        self._loaded = True
+        self._forget()
+
+    def _check_file(self, path: Path, rel: str) -> str | list[Problem]:
+        """The file's source if it is good, else its problems."""
+        shown = str(path)
+        if not _named_right(rel):
+            return [Problem(shown, 1, 1, "template files are named templates/<locale>/<name>.subject.j2, "
+                            ".text.j2 or .html.j2; rename this file so the engine can find it")]
+        try:
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            return [Problem(shown, 1, 1, f"cannot be read: {exc.strerror or exc}")]
+        if len(raw) > MAX_FILE_BYTES:
+            return [Problem(shown, 1, 1, f"a template file may be at most {MAX_FILE_BYTES // 1024:,} KiB; split it "
+                            "or move long text out of it")]
+        try:
+            source = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return [Problem(shown, 1, 1, "file is not UTF-8 text; save it as UTF-8")]
+        try:
+            ast = self.env.parse(source, rel, rel)
+            self.env.compile(source, rel, rel)
+        except jinja2.TemplateSyntaxError as exc:
+            return [Problem(shown, exc.lineno or 1, 1, f"template syntax error: {self._explain(exc)}")]
+        problems = []
+        for var in sorted(meta.find_undeclared_variables(ast) - CONTEXT_NAMES):
+            line, col = _find_name(source, var)
+            hint = did_you_mean(var, CONTEXT_NAMES, list_choices=False)
+            problems.append(Problem(shown, line, col, f"unknown variable {var!r}{hint or ';'} "
+                                    f"{'T' if hint else 't'}emplates can use: {', '.join(sorted(CONTEXT_NAMES))}"))
+        return problems or source
 
     # ----------------------------------------------------------------- lookup
 
     def locales(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self._ensure()
+        return sorted({p.split("/", 1)[0] for p in self.present})
 
     def _path(self, locale: str, name: str, part: str) -> str:
         return f"{locale}/{name}.{part}{SUFFIX}"
 
     def _has(self, locale: str, name: str, part: str) -> bool:
-        path = self._path(locale, name, part)
-        found = self._exists.get(path)
-        if found is None:
-            found = self._exists[path] = (self.root / path).is_file()
-        return found
+        """Whether the file exists (good or broken): what a journey that names the template needs."""
+        self._ensure()
+        return self._path(locale, name, part) in self.present
 
     def resolve_locale(self, locale: str | None, name: str) -> str | None:
         """The locale whose version of NAME a member with LOCALE gets, or None if none exists."""
@@ -195,6 +305,10 @@ class Templates:
     def _failure(self, path: str, channel: str, exc: Exception) -> TemplateRenderError:
         """What went wrong rendering the part at PATH, for the message log: the file, the line and the reason."""
         if isinstance(exc, jinja2.TemplateNotFound):
+            problem = self.broken.get(path)
+            if problem is not None:
+                return TemplateRenderError(f"{problem.file}:{problem.line}: {problem.message.split('; ')[0]} (it has "
+                                           "no good version yet)")
             return TemplateRenderError(f"{path}: missing; a {channel} template needs {' and '.join(REQUIRED[channel])}")
         where = self._where(path, exc)
         if isinstance(exc, jinja2.UndefinedError):
@@ -297,50 +411,30 @@ class Templates:
 
     def _names(self) -> set[str]:
         """Every template name that has a file in some locale, e.g. welcome/welcome_email."""
+        self._ensure()
         names = set()
-        for locale in self.locales():
-            for path in (self.root / locale).rglob(f"*{SUFFIX}"):
-                stem, _, part = path.relative_to(self.root / locale).as_posix()[: -len(SUFFIX)].rpartition(".")
-                if stem and part in PARTS["email"]:
-                    names.add(stem)
+        for path in self.present:
+            stem, _, part = path.split("/", 1)[1][: -len(SUFFIX)].rpartition(".")
+            if stem and part in PARTS["email"]:
+                names.add(stem)
         return names
 
     def syntax_problems(self) -> list[Problem]:
-        """Every template file that does not compile or uses a variable the engine never provides."""
-        problems: list[Problem] = []
-        if not self.root.is_dir():
-            return problems
-        for path in sorted(self.root.rglob(f"*{SUFFIX}")):
-            rel = path.relative_to(self.root).as_posix()
-            shown = str(path)
-            part = rel[: -len(SUFFIX)].rpartition(".")[2]
-            if part not in PARTS["email"] or "/" not in rel:
-                problems.append(Problem(shown, 1, 1, "template files are named templates/<locale>/<name>.subject.j2, "
-                                        ".text.j2 or .html.j2; rename this file so the engine can find it"))
-                continue
-            try:
-                source = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                problems.append(Problem(shown, 1, 1, "file is not UTF-8 text; save it as UTF-8"))
-                continue
-            try:
-                ast = self.env.parse(source, rel, rel)
-                self.env.compile(source, rel, rel)
-            except jinja2.TemplateSyntaxError as exc:
-                problems.append(Problem(shown, exc.lineno or 1, 1, f"template syntax error: {self._explain(exc)}"))
-                continue
-            for var in sorted(meta.find_undeclared_variables(ast) - CONTEXT_NAMES):
-                line, col = _find_name(source, var)
-                hint = did_you_mean(var, CONTEXT_NAMES, list_choices=False)
-                problems.append(Problem(shown, line, col, f"unknown variable {var!r}{hint or ';'} "
-                                        f"{'T' if hint else 't'}emplates can use: {', '.join(sorted(CONTEXT_NAMES))}"))
-        return problems
+        """Every template file that is not in use as written (does not compile, uses a variable the engine never
+        provides, is not UTF-8, is misnamed or too large), as of the last load."""
+        self._ensure()
+        return list(self._problems)
 
     def _explain(self, exc: jinja2.TemplateSyntaxError) -> str:
         match = re.match(r"No filter named '([^']+)'", exc.message or "")
         if match:
             return f"unknown filter {match.group(1)!r}{did_you_mean(match.group(1), self.env.filters)}"
         return str(exc.message)
+
+
+def _named_right(rel: str) -> bool:
+    """templates/<locale>/<name>.<part>.j2 with a known part."""
+    return "/" in rel and rel[: -len(SUFFIX)].rpartition(".")[2] in PARTS["email"]
 
 
 def _find_name(source: str, name: str) -> tuple[int, int]:

@@ -7,8 +7,9 @@ removed is retired (no new entries, no further sends).
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from engine.conditions import Condition, computed_names
 from engine.exceptions import EngineError
 from engine.journey import Journey
-from engine.models import journey_state, journey_versions
+from engine.models import journey_state, journey_versions, template_versions
 from engine.rulebook import Rulebook, journey_conditions, journey_from_definition, snapshot, stored_segments
 
 log = logging.getLogger(__name__)
@@ -121,3 +122,33 @@ def sync(conn: Connection, dialect: str, book: Rulebook, cache: VersionCache, no
         log.warning("journey %s: its file %s is gone; retired (no new entries or sends)",
                     row["journey_id"], row["source_path"])
     return live
+
+
+# --------------------------------------------------------------------------- template versions
+
+
+def register_templates(conn: Connection, dialect: str, sources: Mapping[str, str], now: datetime) -> int:
+    """Store each good template source not stored yet (by path and checksum); returns how many were new."""
+    if not sources:
+        return 0
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    checksums = {path: hashlib.sha256(source.encode()).hexdigest() for path, source in sources.items()}
+    known = {(str(p), str(c)) for p, c in conn.execute(select(template_versions.c.path, template_versions.c.checksum)
+                                                         .where(template_versions.c.path.in_(sorted(sources))))}
+    fresh = [{"path": path, "checksum": checksum, "source": sources[path], "created_at": now}
+             for path, checksum in sorted(checksums.items()) if (path, checksum) not in known]
+    if fresh:
+        conn.execute(insert(template_versions).on_conflict_do_nothing(), fresh)
+    return len(fresh)
+
+
+def last_good_templates(conn: Connection, paths: Iterable[str]) -> dict[str, tuple[str, datetime]]:
+    """The newest stored good version of each of PATHS that has one: (source, when it was stored)."""
+    wanted = sorted(set(paths))
+    if not wanted:
+        return {}
+    newest = (select(template_versions.c.path, func.max(template_versions.c.id).label("id"))
+              .where(template_versions.c.path.in_(wanted)).group_by(template_versions.c.path).subquery())
+    rows = conn.execute(select(template_versions.c.path, template_versions.c.source, template_versions.c.created_at)
+                        .join(newest, newest.c.id == template_versions.c.id))
+    return {str(path): (str(source), created) for path, source, created in rows}
