@@ -175,15 +175,19 @@ class Composer:
             changed = (row, person, live, [u.id for u in t.updates])
         else:  # the loaded row is ours alone: no copy needed when nothing changes it
             person = row
-        rows = [self._message_row(live, person, step, now, rails, contexts, event, lease_until, t.variant)
-                for step in t.sends]
-        rows += [self._holdout_row(live, person, split, now, t.variant) for split in t.holdouts]
-        for message in rows:  # what the log chains: computed here, beside the rendering
+        rows = []
+        for step in t.sends:
+            message = self._message_row(live, person, step, now, rails, contexts, event, lease_until, t.variant)
+            message["content_hash"] = content_hash(message)  # what the log chains: computed beside the rendering
+            rows.append(message)
+        for split in t.holdouts:
+            message = self._holdout_row(live, person, split, now, t.variant)
             message["content_hash"] = content_hash(message)
+            rows.append(message)
         if changed is None:
             row["variant"] = t.variant
         out.moves.append(move)
-        out.outgoing.extend(rows)
+        out.outgoing += rows
         if changed is not None:
             out.changed.append(changed)
 

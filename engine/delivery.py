@@ -123,14 +123,14 @@ class Delivery:
     # ------------------------------------------------------------------ hand-overs
 
     def plan(self, rows: Sequence[dict[str, Any]]) -> list[Chunk]:
-        """ROWS (all ``sending``, claimed by this worker) as hand-over chunks: per channel, in id order."""
+        """ROWS (all ``sending``, claimed by this worker, in id order: as written, or as loaded ordered by id) as
+        hand-over chunks, per channel. A hand-over is an id range of one channel: the order is what makes it
+        name exactly the rows handed over."""
         by_channel: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_channel.setdefault(row["channel"], []).append(row)
         chunks: list[Chunk] = []
         for name, group in by_channel.items():
-            if any(group[i]["id"] > group[i + 1]["id"] for i in range(len(group) - 1)):
-                group.sort(key=lambda r: r["id"])
             size = chunk_size(self.channel(name), self.lease)
             chunks += [Chunk(name, group[start:start + size]) for start in range(0, len(group), size)]
         return chunks

@@ -26,7 +26,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from engine.models import (
@@ -134,15 +133,20 @@ def claim_unhandled_events(conn: Connection, now: datetime, limit: int, *,
 
 def set_handover(conn: Connection, worker: str, channel: str, first_id: int, last_id: int, position: str | None,
                  now: datetime) -> None:
-    """WORKER is about to hand CHANNEL its `sending` rows with ids FIRST_ID..LAST_ID (engine.models.Handover)."""
-    insert = sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert
-    values = {"channel": channel, "first_id": first_id, "last_id": last_id, "position": position, "handed_at": now}
-    conn.execute(insert(handovers).values(worker=worker, **values)
-                 .on_conflict_do_update(index_elements=["worker"], set_=values))
+    """WORKER is about to hand CHANNEL its `sending` rows with ids FIRST_ID..LAST_ID (engine.models.Handover).
+    Straight to the driver: it runs once per batch on the send path."""
+    w = BulkWriter(conn.dialect.name)
+    conn.exec_driver_sql(w._sql(
+        "INSERT INTO handovers (worker, channel, first_id, last_id, position, handed_at) VALUES ({marks}) "
+        "ON CONFLICT (worker) DO UPDATE SET channel = excluded.channel, first_id = excluded.first_id, "
+        "last_id = excluded.last_id, position = excluded.position, handed_at = excluded.handed_at",
+        ("worker", "channel", "first_id", "last_id", "position", "handed_at")),
+        (worker, channel, first_id, last_id, position, w.ts(now)))
 
 
 def clear_handover(conn: Connection, worker: str) -> None:
-    conn.execute(delete(handovers).where(handovers.c.worker == worker))
+    conn.exec_driver_sql(f"DELETE FROM handovers WHERE worker = {'?' if conn.dialect.name == 'sqlite' else '%s'}",
+                         (worker,))
 
 
 class Stranded(NamedTuple):

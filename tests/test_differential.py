@@ -31,6 +31,7 @@ from sqlalchemy import delete, insert, select
 from engine import matcher as matcher_module
 from engine.computed import computed_columns
 from engine.conditions import Condition, computed_names, evaluate, parse, to_sql, uses_event
+from engine.durations import HORIZON_DAYS
 from engine.matcher import ConditionTooComplex, EventMatcher
 from engine.models import events, members
 from engine.problems import Problems
@@ -61,6 +62,9 @@ OPS = {
 FIXED_STRINGS = ("", "gold", "Gold", "金卡", "1", "true", "a b", "m0", "Asia/Shanghai")
 ODD_STRINGS = ("\x00x", "\ud83d", "a\\\"b")  # never stored (PostgreSQL refuses them), but events may carry them
 EVENT_IDS = count(1)
+LONGEST = HORIZON_DAYS * 86400  # durations are at most ten years
+# The per-test timeout (120 s) is for hangs; the property's time grows with its examples (the acceptance runs 2,000).
+TIMEOUT = pytest.mark.timeout(max(120, EXAMPLES))
 
 
 @dataclass
@@ -140,6 +144,8 @@ def people(draw: st.DrawFn, world: World) -> dict[str, Any]:
 def durations(world: World) -> st.SearchStrategy[str]:
     def exact(t: datetime) -> str:  # the distance to a pool instant: lands on the edge of before/within
         seconds = int((world.now - t).total_seconds())
+        if seconds > LONGEST:
+            return f"{HORIZON_DAYS}d"  # the longest duration the rules accept
         return f"{seconds}s" if seconds > 0 else "1d"
 
     free = st.builds(lambda n, unit: f"{n}{unit}", st.integers(1, 500), st.sampled_from("smhdw"))
@@ -276,6 +282,7 @@ def check(store: Store, batch: Batch, tight: bool = False) -> None:
     assert not disagreements, f"now={now.isoformat()} segments={batch.segments!r}\n" + "\n".join(disagreements)
 
 
+@TIMEOUT
 def test_python_sql_and_the_event_matcher_agree(db_url: str) -> None:
     store = Store(db_url)
     store.migrate()
@@ -290,6 +297,7 @@ def test_python_sql_and_the_event_matcher_agree(db_url: str) -> None:
         store.engine.dispose()
 
 
+@TIMEOUT
 def test_conditions_split_over_several_rules_and_rulesets_agree_too(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The same property with durable-rules' limits made tiny, so that nearly every condition is split into
