@@ -3,10 +3,10 @@
 
 import sys
 
-if sys.version_info < (3, 11) or sys.version_info >= (3, 13):
-    sys.exit("run.py needs Python 3.11 or 3.12 (durable-rules does not import on 3.13)")
+if sys.version_info < (3, 11):  # noqa: UP036 - run.py must say why on an older Python, not fail to import
+    sys.exit("run.py needs Python 3.11 or later (3.11 and 3.12 match events with durable-rules, 3.13 in Python)")
 
-from engine.cli import run
+from engine.cli.main import run
 
 if __name__ == "__main__":
     run()

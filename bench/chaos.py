@@ -8,9 +8,9 @@ promises (DESIGN.md, "Delivery guarantee"; issue 13).
 Per combination of database and channels it builds a fresh database (a temporary SQLite file, or a PostgreSQL
 schema of its own at ENGINE_BENCH_PG_URL, dropped afterwards), a rules folder with one segment-triggered journey
 that sends every lapsed member an email and then an SMS, and a config.yaml (tick every second, a short lease,
-small batches). With ``--channels providers`` the Twilio and SendGrid stand-ins (channels.sandbox) run inside this
-process, so that they outlive the kills, with the fault shares given, and post their signed delivery callbacks to
-the daemon's web service.
+small batches). With ``--channels providers`` the Twilio and SendGrid stand-ins (engine.testing.standins) run
+inside this process, so that they outlive the kills, with the fault shares given, and post their signed delivery
+callbacks to the daemon's web service.
 
 Then: one uninterrupted send of a first wave of M members measures how long a full send takes (T); after that,
 N times: start ``run.py serve``, wait a random time uniform over 0..T, ``kill -9`` the daemon, note its child
@@ -64,13 +64,13 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import Engine, create_engine, func, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from channels.sandbox import Faults, Hangup, Reply, SendGridSandbox, TwilioSandbox  # noqa: E402
 from engine import queries  # noqa: E402
 from engine.app import App  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.loyalty import Loyalty  # noqa: E402
-from engine.models import enrollments, handovers, members, messages  # noqa: E402
-from engine.store import Store  # noqa: E402
+from engine.rules.loyalty import Loyalty  # noqa: E402
+from engine.store.database import Store  # noqa: E402
+from engine.store.models import enrollments, handovers, members, messages  # noqa: E402
+from engine.testing.standins import Faults, Hangup, Reply, SendGridSandbox, TwilioSandbox  # noqa: E402
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 JOURNEY = "chaos"
@@ -99,8 +99,9 @@ ORPHAN_GRACE = 2.0  # seconds the daemon's children get to notice its death
 SETTLE_TIMEOUT = 180.0  # seconds a kill's in-doubt rows may take to be recovered and reconciled before giving up
 CALIBRATION_TIMEOUT = 900.0
 DRAIN_TIMEOUT = 900.0
-# What reconciliation appends to the error of a row it could not settle (engine.reconcile._SEPARATOR): a row in doubt
-# whose error carries it has been asked about since the crash (recovery writes a fresh error when it marks it).
+# What reconciliation appends to the error of a row it could not settle (engine.tick.reconcile._SEPARATOR):
+# a row in doubt whose error carries it has been asked about since the crash (recovery writes a fresh error
+# when it marks it).
 RECONCILED_MARK = " — reconciliation: "
 TICK_LINE = re.compile(rb"engine\.daemon: tick (\S+): ")
 
@@ -583,7 +584,7 @@ class Combination:
 
     def stranded(self, kill: Kill) -> None:
         """What the dead daemon left: its worker id, its `sending` rows, those inside its recorded hand-over
-        (engine.queries.stranded_messages, asked as if every claim had run out; nothing else runs now), their
+        (engine.store.queries.stranded_messages, asked as if every claim had run out; nothing else runs now), their
         channel, the hand-over itself and (providers) how many of them the stand-in got a request for."""
         with self.db_store.begin() as conn:
             rows = queries.stranded_messages(conn, datetime.now(UTC) + timedelta(days=1))
@@ -1150,7 +1151,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     kinds = ["outbox", "providers"] if args.channels == "both" else [args.channels]
-    logging.getLogger("channels.sandbox").setLevel(logging.ERROR)  # "could not post callbacks": the engine is down
+    # "could not post callbacks": the engine is down
+    logging.getLogger("engine.testing").setLevel(logging.ERROR)
     results = []
     for db in dbs:
         for kind in kinds:

@@ -3,7 +3,7 @@
     python bench/render.py [--repo PATH] [--messages N] [--runs R]
 
 Each case renders N messages (members alternating zh-CN / en, tiers cycling) through ``Templates.render`` with
-contexts made by ``engine.context.ContextBuilder``, as the composer does; the figure is the fastest of R runs, in
+contexts made by ``engine.tick.context.ContextBuilder``, as the composer does; the figure is the fastest of R runs, in
 microseconds per message. Building the contexts is timed apart ("context") and not included in the render figures.
 
 ``--repo`` imports the engine and reads rules/ and templates/ from another checkout (default: this one), so one
@@ -42,10 +42,10 @@ def main() -> None:
     repo = args.repo.resolve()
     sys.path.insert(0, str(repo))
 
-    import engine.templates
-    from engine.context import MEMBER_COLUMNS, ContextBuilder
-    from engine.rulebook import load_rulebook
-    from engine.templates import Templates
+    import engine.rules.templates
+    from engine.rules.rulebook import load_rulebook
+    from engine.rules.templates import Templates
+    from engine.tick.context import MEMBER_COLUMNS, ContextBuilder
 
     loyalty = load_rulebook(repo / "rules", None).loyalty
     templates = Templates(repo / "templates", "zh-CN")
@@ -57,7 +57,7 @@ def main() -> None:
     built = [contexts.build(m, NOW, journey, None, f"https://crm.example.com/unsubscribe/{m['id']}")
              for m in members]
     context_us = (time.perf_counter() - started) / len(members) * 1e6
-    print(f"{engine.templates.__file__}; {args.messages:,} messages per run, fastest of {args.runs} runs")
+    print(f"{engine.rules.templates.__file__}; {args.messages:,} messages per run, fastest of {args.runs} runs")
     print(f"  {'context (ContextBuilder.build)':44} {context_us:7.2f} µs/message")
     for name, channel in CASES:
         pairs = [(m.get("locale"), c) for m, c in zip(members, built, strict=True)]

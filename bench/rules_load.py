@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.validation import validate_paths  # noqa: E402 - the repository root is put on the path first
+from engine.cli.validate import validate_paths  # noqa: E402 - the repository root is put on the path first
 
 HEAD = "journey: bench\ntrigger: {event: signup}\nsteps:\n"
 SEND = "  - id: hello\n    send: email\n    template: welcome/welcome_email\n"

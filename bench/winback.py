@@ -51,9 +51,9 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from engine import audit  # noqa: E402
 from engine.app import App  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
-from engine.loyalty import Loyalty  # noqa: E402
-from engine.models import enrollments, members, messages  # noqa: E402
-from engine.report import TickReport  # noqa: E402
+from engine.rules.loyalty import Loyalty  # noqa: E402
+from engine.store.models import enrollments, members, messages  # noqa: E402
+from engine.tick.report import TickReport  # noqa: E402
 
 # 12:00 in Asia/Shanghai, where every bench member lives: quiet hours (21:00-08:00) do not apply,
 # without switching them off.

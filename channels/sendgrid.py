@@ -17,18 +17,15 @@ import json
 import time
 from collections.abc import Sequence
 from email.utils import parseaddr
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.error import URLError
 
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Category, CustomArg, From, Header, Mail, To
 
-from channels import PacedChannel, TokenBucket, describe_network_error, limiter_for, one_line, parse_retry_after
 from channels.base import Found, InDoubt, Outcome, OutgoingMessage, Reconciled, SendResult
-
-if TYPE_CHECKING:
-    from engine.config import ChannelConfig
+from channels.pacing import PacedChannel, TokenBucket, describe_network_error, limiter_for, one_line, parse_retry_after
 
 # SendGrid publishes no per-second figure for mail/send (its rate-limit page: "a specific number of requests
 # per refresh period", with X-RateLimit-* headers and 429); its documented default for the v3 API is 600
@@ -64,12 +61,6 @@ class SendGridEmail(PacedChannel):
         # The client adds Content-Type to its shared header dict on the first request; adding it now keeps
         # concurrent first requests from changing that dict while another thread copies it.
         self.api.client.request_headers["Content-Type"] = "application/json"
-
-    @classmethod
-    def from_config(cls, settings: ChannelConfig) -> SendGridEmail:
-        return cls(settings.api_key or "", settings.sender or "", base_url=settings.base_url,
-                   rate_per_second=settings.rate_per_second, concurrency=settings.concurrency,
-                   timeout=settings.timeout, in_flight=settings.in_flight, reconcile_after=settings.reconcile_after)
 
     def build(self, message: OutgoingMessage) -> dict[str, Any]:
         """The mail/send JSON body for MESSAGE."""

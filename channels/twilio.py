@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,7 +26,8 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 from urllib3.exceptions import ClosedPoolError, NewConnectionError
 
-from channels import (
+from channels.base import Found, InDoubt, Outcome, OutgoingMessage, Reconciled, SendResult
+from channels.pacing import (
     PacedChannel,
     TokenBucket,
     causes,
@@ -35,11 +36,7 @@ from channels import (
     one_line,
     parse_retry_after,
 )
-from channels.base import Found, InDoubt, Outcome, OutgoingMessage, Reconciled, SendResult
-from engine.sms import segments
-
-if TYPE_CHECKING:
-    from engine.config import ChannelConfig
+from channels.sms import segments
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +114,6 @@ class TwilioSMS(PacedChannel):
         if base_url:
             self.client.api.base_url = base_url.rstrip("/")
         self.base_url = base_url or "https://api.twilio.com"
-
-    @classmethod
-    def from_config(cls, settings: ChannelConfig, *, public_url: str) -> TwilioSMS:
-        return cls(settings.account_sid or "", settings.auth_token or "", public_url=public_url,
-                   sender=settings.sender, messaging_service_sid=settings.messaging_service_sid,
-                   base_url=settings.base_url, rate_per_second=settings.rate_per_second,
-                   concurrency=settings.concurrency, timeout=settings.timeout, in_flight=settings.in_flight,
-                   reconcile_after=settings.reconcile_after)
 
     def _remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
         # TwilioRestException carries no headers: keep Retry-After of this thread's last response aside.

@@ -17,21 +17,24 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from channels import Channel, build_channel
-from engine import quarantine, queries, reconcile
+from channels.base import Channel
 from engine.config import Config
-from engine.entry import EntryPhase
+from engine.domain.unsubscribe import load_secret
 from engine.exceptions import RulesError
-from engine.loyalty import Loyalty
-from engine.programme import ProgrammePhase
-from engine.reconcile import Reconciliation
-from engine.report import TickReport
-from engine.rulebook import Rulebook, journey_files, load_rulebook
-from engine.runner import Runner
-from engine.store import Store
-from engine.templates import Templates
-from engine.unsubscribe import load_secret
-from engine.versions import LiveJourney, VersionCache, last_good_templates, register_templates, sync
+from engine.providers import build_channel
+from engine.rules.loyalty import Loyalty
+from engine.rules.rulebook import Rulebook, journey_files, load_rulebook
+from engine.rules.templates import Templates
+from engine.rules.versions import LiveJourney, VersionCache, last_good_templates, register_templates, sync
+from engine.store import queries
+from engine.store.database import Store
+from engine.tick import quarantine, reconcile
+from engine.tick.entry import EntryPhase
+from engine.tick.events import EventPhase
+from engine.tick.programme import ProgrammePhase
+from engine.tick.reconcile import Reconciliation
+from engine.tick.report import TickReport
+from engine.tick.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,12 @@ class App:
         self.runner = Runner(self, self.worker)
         #: messages settled by reconciliation in this process, by (channel, outcome): for /metrics
         self.reconciled: Counter[tuple[str, str]] = Counter()
+        self._ticked = False  # close() frees enrollment claims only when a tick may have made some
+        self._closed = False
         self._recovered_once = False  # a dead process's enrollment claims were freed (SQLite, engine lock held)
+        self.events = EventPhase(self)
         self.entry = EntryPhase(self)
-        self.programme = ProgrammePhase(self)
+        self.programme = ProgrammePhase(self.store, config.rules_path)
 
     # ------------------------------------------------------------------ parts
 
@@ -135,7 +141,7 @@ class App:
 
     def live_journeys(self, now: datetime, book: Rulebook | None = None) -> dict[str, LiveJourney]:
         """Every journey that should run, by id: paused ones (their compiled form failed at run time, see
-        engine.quarantine) are left out until the journey changes or `run.py retry` lifts the pause."""
+        engine.tick.quarantine) are left out until the journey changes or `run.py retry` lifts the pause."""
         book = book or self.rules()
         with self.store.begin() as conn:
             live = sync(conn, self.store.dialect, book, self.versions, now)
@@ -177,12 +183,13 @@ class App:
         ``errors`` and the others still run; a failure of the database itself ends the tick (the next retries)."""
         started = time.perf_counter()
         report = TickReport(now)
+        self._ticked = True
         self.runner.start_worker_early()  # its start-up overlaps what comes before the sends
         self._phase("recovery", report, lambda: self.recover(now, report))
         book = self.rules()
         self._phase("programme", report, lambda: self.programme.run(now, report, book))
         live = self.live_journeys(now, book)
-        self._phase("events", report, lambda: self.entry.handle_events(now, live, report, stop))
+        self._phase("events", report, lambda: self.events.handle_events(now, live, report, stop))
         if not stop():
             self._phase("exits", report, lambda: self.entry.exit_by_condition(now, live, report))
         if not stop():
@@ -205,7 +212,7 @@ class App:
 
     def recover(self, now: datetime, report: TickReport, *, everything: bool = False) -> Reconciliation:
         """Settle what a crash or a lost answer left open: requeue what was never handed over, mark the hand-over
-        in progress unknown, and reconcile unknown messages with their channels (engine.reconcile)."""
+        in progress unknown, and reconcile unknown messages with their channels (engine.tick.reconcile)."""
         exclusive = self.store.holds_process_lock
         recovered = reconcile.recover(self.store, self.channel, self.worker, now, exclusive=exclusive,
                                       enrollments=exclusive and not self._recovered_once)
@@ -223,13 +230,19 @@ class App:
         return settled
 
     def close(self) -> None:
+        """Stop the compose worker and the matchers, close the channels, free this process's enrollment claims
+        (only if it ticked: a read-only command does not write) and the database. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.runner.close()
-        self.entry.matchers.close()
+        self.events.matchers.close()
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
-        with self.store.begin() as conn:
-            queries.release_enrollment_claims(conn, self.worker)
+        if self._ticked:
+            with self.store.begin() as conn:
+                queries.release_enrollment_claims(conn, self.worker)
         self.store.close()
 
     @property

@@ -16,10 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from engine.durations import parse_duration
+from engine.domain.timeutil import valid_zone
 from engine.exceptions import ConfigError
-from engine.timeutil import valid_zone
-from engine.yamlsrc import UNKNOWN, Mark, YamlSyntaxError, YMap, YSeq, load_yaml, snippet
+from engine.rules.durations import parse_duration
+from engine.rules.yamlsrc import UNKNOWN, Mark, YamlSyntaxError, YMap, YSeq, load_yaml, snippet
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
@@ -116,10 +116,18 @@ class WebConfig(_Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, colon, port = value.rpartition(":")
-        if not colon or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"must be HOST:PORT such as 127.0.0.1:8080, got: {value!r}")
+        listen_address(value)
         return value
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """web.listen (or ``--listen``) as (host, port): ``127.0.0.1:8080``, ``[::1]:8080``, ``0.0.0.0:8080``; port 0
+    picks a free one. ValueError names the form expected."""
+    host, colon, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT such as 127.0.0.1:8080, got: {listen!r}")
+    return host, int(port)
 
 
 class QuietHours(_Strict):

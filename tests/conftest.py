@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from engine.store.database import Store
 from engine.testing import Harness
 
 PG_URL = os.environ.get("ENGINE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -74,8 +75,32 @@ def pg_url(pg_base_url: str) -> Iterator[str]:
     yield from _pg_schema_url(pg_base_url)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An empty SQLite database at the newest migration, made once: every Harness on a new SQLite file starts from
+    a copy (Harness.template). Tests of the migrations themselves use a Store on db_url, which starts empty."""
+    path = tmp_path_factory.mktemp("template") / "engine.db"
+    store = Store(f"sqlite:///{path}")
+    store.migrate()
+    store.close()
+    Harness.template = path
+    yield path
+    Harness.template = None
+
+
 @pytest.fixture
 def harness(tmp_path: Path, db_url: str) -> Iterator[Harness]:
     h = Harness(tmp_path, db_url)
     yield h
     h.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tier (``-m slow``; ``-m "not slow"`` is the fast one, under a minute): every PostgreSQL case (a
+    server round trip per statement, a schema per test) and the modules that mark themselves slow (processes,
+    sockets, large populations). The full suite, which CI runs, is both."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgresql = callspec is not None and callspec.params.get("db_url") == "postgresql"
+        if on_postgresql or "pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -21,8 +21,8 @@ import pytest
 from channels import local
 from channels.base import Found, InDoubt, Outcome, OutgoingMessage, Reconciled
 from channels.local import OutboxChannel
-from channels.sandbox import Faults, TwilioSandbox
 from channels.twilio import TwilioSMS
+from engine.testing.standins import Faults, TwilioSandbox
 
 PUBLIC_URL = "https://crm.example.com"
 FROM = "+15005550006"

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 
-from engine.cli import main
-from engine.messagelog import FIELDS
+from engine.audit.messagelog import FIELDS
+from engine.cli.main import main
 from engine.testing import REPO
 
 MEMBERS = """id,name,email,phone,timezone,locale,total_spend,last_order_at,email_opt_in,sms_opt_in
@@ -86,6 +86,7 @@ def test_bad_input_gets_one_clear_line_and_exit_1(project: Path) -> None:
     assert cli(project, "log", "--status", "lost").exit_code == 2
 
 
+@pytest.mark.slow
 def test_simulate_records_virtual_time_and_reports_what_happened(project: Path) -> None:
     cli(project, "import", "members", str(project / "members.csv"))
     result = cli(project, "simulate", "--from", "2026-03-02T00:00:00Z", "--to", "2026-03-12T00:00:00Z",
@@ -97,6 +98,7 @@ def test_simulate_records_virtual_time_and_reports_what_happened(project: Path) 
     assert sms_sent.startswith("2026-03-09") or sms_sent.startswith("2026-03-10")  # 7 days later, virtual time
 
 
+@pytest.mark.slow
 def test_audit_verify_passes_then_names_the_first_altered_row(project: Path) -> None:
     cli(project, "import", "members", str(project / "members.csv"))
     cli(project, "simulate", "--from", "2026-03-02T00:00:00Z", "--to", "2026-03-12T00:00:00Z", "--every", "6h")
@@ -134,6 +136,7 @@ def test_forgetting_a_member_erases_personal_data_and_the_chain_still_verifies(p
     assert "wang@example.com" not in cli(project, "member", "show", "c1").output
 
 
+@pytest.mark.slow
 def test_serve_ticks_on_its_interval_and_stops_gracefully_on_sigterm(project: Path) -> None:
     config = project / "config.yaml"
     config.write_text(config.read_text() + "scheduler: {interval: 1}\nweb: {listen: \"127.0.0.1:0\"}\n",
@@ -172,6 +175,7 @@ def test_application_logs_mask_phone_numbers_and_email_addresses() -> None:
     assert "w***@example.com" in masked and "****00" in masked
 
 
+@pytest.mark.slow
 def test_the_demo_builds_a_database_that_verifies_and_shows_the_programme(project: Path) -> None:
     """A small demo (the README's first command, scaled down): it runs, prints the summary a newcomer needs,
     and leaves a database whose log verifies and whose balances equal their ledgers."""

@@ -83,8 +83,8 @@ def test_days_since_floors_alike_on_both_databases_for_past_and_future_dates(tmp
     values loaded for Python."""
     from sqlalchemy import select
 
-    from engine.computed import computed_columns
-    from engine.models import members
+    from engine.store.computed import computed_columns
+    from engine.store.models import members
 
     h = Harness(tmp_path, db_url, rules=rules(tmp_path))
     h.members(person("future", "2026-03-03T16:00:00Z"), person("past", "2026-02-28T16:00:00Z"))

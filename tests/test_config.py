@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import Ctx, main
+from engine.cli.main import Ctx, main
 from engine.config import Config, load_config
 from engine.exceptions import ConfigError
 

@@ -17,8 +17,10 @@ from support import Crash, Provider
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from channels.local import OutboxChannel
-from engine import queries
+from engine.store import queries
 from engine.testing import Harness
+
+pytestmark = pytest.mark.slow  # the slow tier: kills daemons and replays crashes
 
 LAPSED = [
     {"id": f"w{i:02d}", "name": f"Member {i}", "email": f"w{i}@example.com", "timezone": "Asia/Shanghai",
@@ -203,7 +205,7 @@ def test_run_py_reconcile_settles_the_outbox_and_says_what_it_did(tmp_path: Path
     looked up in its file, and the output says so, in figures; the members not reached yet go at the next tick."""
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from engine.cli.main import main
 
     url = f"sqlite:///{tmp_path / 'engine.db'}"
     outbox = tmp_path / "var" / "outbox" / "email.jsonl"
@@ -233,7 +235,7 @@ def test_a_slow_provider_never_gets_two_copies(tmp_path: Path, db_url: str) -> N
     """Issue 13, item 4: answers slower than the client's timeout (the provider did accept), resets after the
     request was written, and refusals, through the real twilio client against the stand-in. Timeouts and resets
     are reconciled by looking the message up, never retried blindly: the provider gets each SMS once."""
-    from channels.sandbox import Faults, TwilioSandbox
+    from engine.testing.standins import Faults, TwilioSandbox
 
     faults = Faults(slow=0.2, lost=0.1, too_many=0.1, slow_seconds=1.5)
     with TwilioSandbox(faults=faults, seed=11) as box:
@@ -265,7 +267,7 @@ def test_answers_that_could_not_be_recorded_are_recovered_at_the_next_tick(tmp_p
     """The process lives on but recording a chunk's answers fails (a bug, the database refusing): the next tick
     finds its own rows still `sending`, and its hand-over says which reached the channel: those are reconciled,
     the rest sent once. Never re-sent blindly: the next delivery's hand-over must not hide the failed one."""
-    from engine.delivery import Delivery
+    from engine.tick.delivery import Delivery
 
     provider = Provider(in_flight=3)
     h = Harness(tmp_path, db_url)

@@ -189,11 +189,11 @@ def test_a_delivery_webhook_faster_than_the_send_answer_is_not_overwritten(harne
     """The provider's 'delivered' callback can land before we record its 202: the row stays delivered."""
     from sqlalchemy import update
 
-    from engine.models import messages
+    from engine.store.models import messages
 
     class Fast(RecordingChannel):
         def send_batch(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
-            with harness.app.store.begin() as conn:  # what engine.webhooks does for a status callback
+            with harness.app.store.begin() as conn:  # what engine.http.webhooks does for a status callback
                 conn.execute(update(messages).where(messages.c.id.in_([m.id for m in batch]))
                              .values(status="delivered"))
             return super().send_batch(batch)

@@ -28,15 +28,22 @@ from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 from sqlalchemy import delete, insert, select
 
-from engine import matcher as matcher_module
-from engine.computed import computed_columns
-from engine.conditions import Condition, computed_names, evaluate, parse, to_sql, uses_event
-from engine.durations import HORIZON_DAYS
-from engine.matcher import ConditionTooComplex, EventMatcher
-from engine.models import events, members
-from engine.problems import Problems
-from engine.store import Store
-from engine.yamlsrc import UNKNOWN
+pytest.importorskip("durable", reason="durable-rules does not import on this Python (3.13+): the engine uses its "
+                    "Python matcher")
+
+from engine.matching import durable_rules as matcher_module
+from engine.matching.durable import EventMatcher
+from engine.matching.durable_rules import ConditionTooComplex
+from engine.rules.conditions import Condition, computed_names, evaluate, parse, uses_event
+from engine.rules.conditions_sql import to_sql
+from engine.rules.durations import HORIZON_DAYS
+from engine.rules.problems import Problems
+from engine.rules.yamlsrc import UNKNOWN
+from engine.store.computed import computed_columns
+from engine.store.database import Store
+from engine.store.models import events, members
+
+pytestmark = pytest.mark.slow  # the slow tier: hypothesis over hundreds of generated conditions, on both databases
 
 EXAMPLES = int(os.environ.get("ENGINE_DIFFERENTIAL_EXAMPLES", "150"))
 ZONES = ("UTC", "Asia/Shanghai", "America/New_York", "Europe/London", "Australia/Lord_Howe", "America/St_Johns",

@@ -9,10 +9,10 @@ from pathlib import Path
 from sqlalchemy import text
 from support import Provider, member, project
 
-from engine.daemon import Daemon
-from engine.models import quarantine
+from engine.cli.daemon import Daemon
+from engine.http.app import create_app
+from engine.store.models import quarantine
 from engine.testing import Harness
-from engine.web import create_app
 
 with warnings.catch_warnings():
     # starlette 1.10 asks for httpx2 in its TestClient; the dev dependencies pin httpx, which still works.

@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from engine.ingest import ImportReport, import_members
-from engine.models import members
-from engine.recorder import import_events
+from engine.ingest.events import import_events
+from engine.ingest.members import ImportReport, import_members
+from engine.store.models import members
 from engine.testing import REPO, Harness
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)

@@ -2,7 +2,7 @@
 
 Each trap has a test that would fail had we fallen into it: the 1,024-session cap, messages merged by a content
 hash or a 32-bit id hash, exceptions swallowed inside actions, a ruleset name registered twice, timer threads
-left running. The answers themselves are held to ``engine.conditions.evaluate`` here and, over the whole
+left running. The answers themselves are held to ``engine.rules.conditions.evaluate`` here and, over the whole
 grammar, in tests/test_differential.py.
 """
 
@@ -16,10 +16,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.conditions import Condition, evaluate, parse
-from engine.matcher import FIELD_NAMES, ConditionTooComplex, EventMatcher, MatcherError, MatchRule
-from engine.problems import Problems
-from engine.yamlsrc import UNKNOWN, load_yaml
+pytest.importorskip("durable", reason="durable-rules does not import on this Python (3.13+): the engine uses its "
+                    "Python matcher")
+
+from engine.matching.durable import EventMatcher
+from engine.matching.durable_rules import FIELD_NAMES, ConditionTooComplex, MatcherError, MatchRule
+from engine.rules.conditions import Condition, evaluate, parse
+from engine.rules.problems import Problems
+from engine.rules.yamlsrc import UNKNOWN, load_yaml
 
 NOW = datetime(2026, 4, 1, 10, 0, tzinfo=UTC)
 
@@ -196,7 +200,7 @@ def test_a_condition_too_large_to_split_is_refused_when_building() -> None:
 
 def test_only_the_rule_too_large_falls_back_to_python(caplog: pytest.LogCaptureFixture) -> None:
     """One rule durable-rules cannot take does not take the others out of it; the answers stay the same."""
-    from engine.matching import SplitMatcher, build
+    from engine.matching.events import SplitMatcher, build
 
     cities = "[" + ", ".join(f"c{n}" for n in range(300)) + "]"
     rules = [MatchRule("exclude_cities", "e", condition(f"{{not: {{attributes.city: {{in: {cities}}}}}}}")),

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from engine.models import Base
-from engine.store import Store
+from engine.store.database import Store
+from engine.store.models import Base
 
 
 def test_upgrade_head_on_an_empty_database_matches_the_models(db_url: str) -> None:

@@ -21,9 +21,11 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from engine import audit
+from engine.audit import chain as audit
 from engine.exceptions import ConfigError
 from engine.testing import REPO, Harness
+
+pytestmark = pytest.mark.slow  # the slow tier: runs the compose worker process
 
 CLOCK = "2026-06-15T04:00:00Z"  # 12:00 in Shanghai: outside quiet hours
 
@@ -210,7 +212,7 @@ def test_when_the_worker_dies_the_runner_composes_itself(tmp_path: Path, db_url:
         for pid in worker.pids():
             os.kill(pid, signal.SIGKILL)
         h.members(*lapsed(50, start=50), now="2026-06-16T00:00:00Z")
-        with caplog.at_level(logging.WARNING, logger="engine.runner"):
+        with caplog.at_level(logging.WARNING, logger="engine.tick.runner"):
             h.tick("2026-06-16T04:00:00Z")
         assert "composing in this process" in caplog.text
         _each_member_sent_once(h, 100)
@@ -280,7 +282,7 @@ def test_ctrl_c_to_the_process_group_leaves_the_worker_to_the_daemon(tmp_path: P
             os.kill(pid, signal.SIGINT)
             os.kill(pid, signal.SIGTERM)
         h.members(*lapsed(50, start=50), now="2026-06-16T00:00:00Z")
-        with caplog.at_level(logging.WARNING, logger="engine.runner"):
+        with caplog.at_level(logging.WARNING, logger="engine.tick.runner"):
             h.tick("2026-06-16T04:00:00Z")
         assert "compose worker stopped" not in caplog.text
         assert h.app.runner.worker_batches > before
@@ -312,7 +314,7 @@ def test_a_worker_killed_mid_send_loses_nothing_and_sends_nothing_twice(tmp_path
 
     try:
         h.members(*lapsed(120))
-        with caplog.at_level(logging.WARNING, logger="engine.runner"):
+        with caplog.at_level(logging.WARNING, logger="engine.tick.runner"):
             h.app.tick(h.at(CLOCK), stop=kill_after_second_batch_composed)
         assert killed
         assert "composing in this process" in caplog.text

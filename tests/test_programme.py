@@ -9,12 +9,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from engine import points
-from engine.cli import main
-from engine.models import events, members, points_ledger
+from engine.cli.main import main
+from engine.programme import points
+from engine.store.models import events, members, points_ledger
 from engine.testing import Harness
 
 
@@ -278,8 +279,8 @@ def test_member_show_and_programme_report(harness: Harness) -> None:
 
 
 def test_a_misspelt_stage_or_segment_is_a_validation_error(tmp_path: Path) -> None:
-    from engine.attributes import RFM_SEGMENTS
-    from engine.intelligence import SEGMENT_NAMES
+    from engine.domain.attributes import RFM_SEGMENTS
+    from engine.programme.intelligence import SEGMENT_NAMES
 
     assert SEGMENT_NAMES == RFM_SEGMENTS
     rules = tmp_path / "rules"
@@ -318,6 +319,7 @@ def _ref_expire(lots: list[list[Any]], now: datetime) -> int:
     return gone
 
 
+@pytest.mark.slow
 def test_ledger_sum_always_equals_the_balance(harness: Harness) -> None:
     """Property: any sequence of earns, redemptions and expiry passes keeps the balance at or above zero,
     equal to the ledger sum, and expires exactly what a lot-by-lot model (oldest first) says."""

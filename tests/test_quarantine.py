@@ -12,10 +12,10 @@ from click.testing import CliRunner, Result
 from sqlalchemy import update
 from support import COUPON, member, project
 
-from engine import quarantine
-from engine.cli import main
-from engine.models import enrollments
+from engine.cli.main import main
+from engine.store.models import enrollments
 from engine.testing import Harness
+from engine.tick import quarantine
 
 NOON = "2026-03-02T04:00:00Z"  # 12:00 in Shanghai
 
@@ -117,7 +117,7 @@ def test_a_batch_write_that_fails_for_one_enrollment_is_written_one_by_one(h: Ha
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """When the batch's single transaction fails because of one enrollment's data (the database refuses a value),
     the others are still written and sent, and that one is set aside."""
-    from engine import runner as runner_module
+    from engine.tick import runner as runner_module
 
     real = runner_module.save_member_updates
     h.members(*(member(f"m{i}", 10) for i in range(4)))
@@ -141,7 +141,7 @@ def test_a_batch_write_that_fails_for_one_enrollment_is_written_one_by_one(h: Ha
 
 def test_a_journey_whose_audience_fails_in_the_database_is_paused_and_the_others_run(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import entry as entry_module
+    from engine.tick import entry as entry_module
 
     rules = Path(h.config.rules_path)
     (rules / "journeys" / "other.yaml").write_text(COUPON.replace("journey: coupon", "journey: other"),
@@ -181,7 +181,7 @@ def test_an_event_whose_matching_fails_is_quarantined_and_the_others_are_matched
     h.tick(NOON)  # the matcher is built
     for who in ("a", "b", "c"):
         h.event(who, "cart_abandoned", "2026-03-03T03:00:00Z")
-    matcher = h.app.entry.matchers._matcher
+    matcher = h.app.events.matchers._matcher
     assert matcher is not None
     real = matcher.matches
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine import rulebook
-from engine.cli import main
-from engine.journey import Journey, parse_journey
-from engine.problems import Problems
-from engine.rulebook import journey_from_definition, load_rulebook
-from engine.templates import Templates
+from engine.cli.main import main
+from engine.rules import rulebook
+from engine.rules.journey import Journey
+from engine.rules.journey_parse import parse_journey
+from engine.rules.problems import Problems
+from engine.rules.rulebook import journey_from_definition, load_rulebook
+from engine.rules.templates import Templates
 from engine.testing import REPO
 
 SHIPPED = sorted(p.stem for p in (REPO / "rules" / "journeys").glob("*.yaml"))
@@ -207,6 +208,7 @@ def test_segments_named_inside_each_other_count_towards_the_depth(project: Proje
                     "at most 32 levels deep, counting the segments they use, got: 36 levels through segment 'deep'")
 
 
+@pytest.mark.slow
 def test_a_long_chain_of_segments_is_reported_once_where_it_gets_too_deep(project: Project) -> None:
     segments = (REPO / "rules" / "segments.yaml").read_text(encoding="utf-8")
     segments += "".join(f"  s{i}:\n    condition: {{segment: s{i + 1}}}\n" for i in range(2000))
@@ -292,6 +294,7 @@ def test_a_folder_named_like_a_journey_is_a_problem_not_a_crash(project: Project
     assert "Traceback" not in outcome.stdout + outcome.stderr
 
 
+@pytest.mark.slow
 def test_too_many_values_without_aliases_is_refused(project: Project) -> None:
     text = HEAD + SEND + "description: [" + ",".join(["1"] * 100_001) + "]\n"
     project.write("rules/journeys/hostile.yaml", text)
@@ -378,6 +381,7 @@ def big_journey(steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_a_3000_step_journey_validates(project: Project) -> None:
     project.write("rules/journeys/hostile.yaml", big_journey(3000))
     outcome = project.cli("validate")
@@ -385,6 +389,7 @@ def test_a_3000_step_journey_validates(project: Project) -> None:
     assert project.book().journeys["hostile"].steps[-1].id == "s2999"
 
 
+@pytest.mark.slow
 def test_a_loop_without_a_wait_through_3000_steps_is_found(project: Project) -> None:
     steps = [f"  - id: s{i}\n    if: {{tier: gold}}\n    then: s{(i + 1) % 3000}\n    else: end\n" for i in range(3000)]
     text = HEAD + "".join(steps)
@@ -441,7 +446,7 @@ def test_a_bug_met_while_checking_one_journey_is_reported_for_that_file_only(
             raise KeyError("boom")
         return parse_journey(data, problems, source, **kwargs)
 
-    monkeypatch.setattr("engine.rulebook.parse_journey", buggy)
+    monkeypatch.setattr("engine.rules.rulebook.parse_journey", buggy)
     project.write("rules/journeys/hostile.yaml", HEAD + SEND)
     outcome = project.cli("validate")
     assert outcome.exit_code == 1
@@ -456,7 +461,7 @@ def test_a_bug_met_while_checking_one_journey_is_reported_for_that_file_only(
     assert any(f.endswith("hostile.yaml") for f in book.broken_files)
 
 
-@pytest.mark.parametrize(("target", "file"), [("_parse_segments", "segments.yaml"),
+@pytest.mark.parametrize(("target", "file"), [("parse_segments", "segments.yaml"),
                                               ("_load_loyalty", "loyalty.yaml")])
 def test_a_bug_met_while_checking_segments_or_loyalty_is_a_problem_not_a_crash(
     project: Project, monkeypatch: pytest.MonkeyPatch, target: str, file: str

@@ -193,7 +193,7 @@ def test_an_email_address_that_is_not_valid_is_never_sent_to(harness: Harness) -
     with harness.app.store.begin() as conn:  # written by another system, bypassing import validation
         from sqlalchemy import update
 
-        from engine.models import members
+        from engine.store.models import members
         conn.execute(update(members).where(members.c.id == "bad").values(email="bad@@example"))
     harness.tick(BIRTHDAY_TICK)
     assert statuses(harness, "bad")["birthday_email"] == ("suppressed", "invalid_address")

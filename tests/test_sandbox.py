@@ -30,9 +30,13 @@ from sendgrid.helpers.eventwebhook import EventWebhook
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.request_validator import RequestValidator
 
-from channels import build_channel
 from channels.base import OutgoingMessage
-from channels.sandbox import (
+from channels.sendgrid import SendGridEmail
+from channels.twilio import TwilioSMS
+from engine.config import Config, load_config
+from engine.providers import build_channel
+from engine.testing import Harness
+from engine.testing.standins import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     Faults,
@@ -42,10 +46,8 @@ from channels.sandbox import (
     TwilioSandbox,
     config_snippet,
 )
-from channels.sendgrid import SendGridEmail
-from channels.twilio import TwilioSMS
-from engine.config import Config, load_config
-from engine.testing import Harness
+
+pytestmark = pytest.mark.slow  # the slow tier: provider stand-ins over sockets, and their command line
 
 PUBLIC_URL = "https://crm.example.com"
 FROM = "+15005550006"
@@ -382,7 +384,7 @@ def test_the_printed_config_snippet_builds_working_adapters(tmp_path: Path) -> N
 
 
 def test_the_command_runs_until_ctrl_c_and_prints_the_config() -> None:
-    command = [sys.executable, "-m", "channels.sandbox", "--twilio-port", "0", "--sendgrid-port", "0"]
+    command = [sys.executable, "-m", "engine.testing.standins", "--twilio-port", "0", "--sendgrid-port", "0"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None
         lines = []
@@ -399,7 +401,7 @@ def test_the_command_runs_until_ctrl_c_and_prints_the_config() -> None:
 
 
 def test_the_command_takes_slow_drop_and_lost_shares() -> None:
-    base = [sys.executable, "-m", "channels.sandbox", "--twilio-port", "0", "--sendgrid-port", "0"]
+    base = [sys.executable, "-m", "engine.testing.standins", "--twilio-port", "0", "--sendgrid-port", "0"]
     refused = subprocess.run([*base, "--slow", "0.6", "--lost", "0.6"], capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2
     assert "add up to at most 1" in refused.stderr

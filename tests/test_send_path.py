@@ -17,9 +17,10 @@ from sqlalchemy import text
 
 from channels.base import OutgoingMessage
 from channels.local import _line, _record
-from engine import audit
-from engine.loading import _COLUMNS, load_batch, select_batch
-from engine.templates import Templates, _babel_locale, _grouped, _plain_grouping
+from engine.audit import chain as audit
+from engine.rules.formatting import babel_locale_for, grouped, plain_grouping
+from engine.rules.templates import Templates
+from engine.store.loading import _COLUMNS, load_batch, select_batch
 from engine.testing import REPO, Harness
 
 _CHARS = ["a", "Z", '"', "\\", "\n", "\t", "\r", "\x00", "\x1f", "\x7f", "é", "中", "\u2028", "\U0001f600", " ",
@@ -107,11 +108,11 @@ def test_whole_numbers_read_as_babel_writes_them(locale: str) -> None:
     rng = random.Random(locale)
     samples = [0, 1, -1, 999, 1000, 9999, 10000, 123456789, -98765, 10**18, *(rng.randint(-10**9, 10**9)
                                                                              for _ in range(300))]
-    symbols = _plain_grouping(locale)
+    symbols = plain_grouping(locale)
     for value in samples:
-        expected = str(format_decimal(value, locale=_babel_locale(locale)))
+        expected = str(format_decimal(value, locale=babel_locale_for(locale)))
         if symbols is not None:
-            assert _grouped(value, *symbols) == expected
+            assert grouped(value, *symbols) == expected
     if locale in ("hi", "en-IN"):
         assert symbols is None  # lakh grouping: Babel decides
 
@@ -134,7 +135,7 @@ def test_writes_go_on_beside_the_wal_checkpointer_which_stops_cleanly(tmp_path: 
     import sqlite3
     import time
 
-    from engine.store import Store
+    from engine.store.database import Store
 
     store = Store(f"sqlite:///{tmp_path / 'engine.db'}")
     try:
@@ -160,7 +161,7 @@ def test_set_based_updates_write_what_a_statement_per_row_writes(harness: Harnes
     """BulkWriter.update_by_id binds values shared by every row once and joins the rest on id: 2,000 enrollments
     (more than one statement's worth) moved with shared and differing values, NULLs among them, end up exactly
     as the same moves made one UPDATE per row; rows the extra condition excludes are left alone."""
-    from engine.queries import BulkWriter
+    from engine.store.queries import BulkWriter
 
     names = ("step", "status", "next_run_at", "exit_reason", "variant")
     stamp = datetime(2026, 3, 2, 1, 5, tzinfo=UTC)
@@ -270,7 +271,7 @@ def test_daemons_starting_together_on_a_fresh_var_dir_share_one_signing_key(tmp_
     import stat
     import threading
 
-    from engine.unsubscribe import load_secret
+    from engine.domain.unsubscribe import load_secret
 
     var = tmp_path / "var"
     start = threading.Barrier(8)
@@ -300,7 +301,7 @@ def test_a_value_too_long_for_its_column_is_never_stored_cut_short(harness: Harn
     the same row written alone, rather than storing the first 64 characters; SQLite keeps it whole."""
     from sqlalchemy.exc import DataError
 
-    from engine.queries import BulkWriter
+    from engine.store.queries import BulkWriter
 
     stamp = datetime(2026, 3, 2, 1, 5)
     with harness.app.store.begin() as conn:
@@ -330,7 +331,7 @@ def test_the_collector_settings_come_back_after_a_send_however_it_ends() -> None
     the thresholds are the caller's again and nothing stays frozen; with the collector off it changes nothing."""
     import gc
 
-    from engine.runner import fewer_collections
+    from engine.tick.runner import fewer_collections
 
     before = gc.get_threshold()
     with fewer_collections():
@@ -385,8 +386,8 @@ def test_a_large_entry_on_postgresql_refreshes_the_planners_view_of_enrollments(
     """After 10,000 lapsed members enter the win-back journey in one tick, PostgreSQL's statistics count them
     (without it the planner believed the journey had a handful of active enrollments and read and sorted all of
     them for every batch claimed: at a million members, 755 messages/s on average instead of 1,610)."""
-    from engine.models import members
-    from engine.report import TickReport
+    from engine.store.models import members
+    from engine.tick.report import TickReport
 
     harness = Harness(tmp_path, pg_url)
     try:
@@ -415,11 +416,12 @@ def test_a_large_entry_on_postgresql_refreshes_the_planners_view_of_enrollments(
         harness.close()
 
 
+@pytest.mark.slow
 def test_an_empty_signing_key_file_is_reported_not_used(tmp_path: Path) -> None:
     """A key file left empty by a crash mid-creation: unsubscribe links are never signed with an empty key; the
     error names the file and the fix."""
+    from engine.domain.unsubscribe import load_secret
     from engine.exceptions import ConfigError
-    from engine.unsubscribe import load_secret
 
     var = tmp_path / "var"
     var.mkdir()
@@ -437,8 +439,8 @@ def test_a_broad_segment_audience_on_sqlite_is_read_in_member_order_a_narrow_one
     found through the index. Either way exactly the lapsed members are enrolled."""
     from sqlalchemy import event
 
-    from engine.models import members
-    from engine.report import TickReport
+    from engine.store.models import members
+    from engine.tick.report import TickReport
 
     now = datetime(2026, 6, 15, 4, 0, tzinfo=UTC)
     recent, lapsed = now.replace(month=6, day=1), now.replace(year=2025)

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 from python_http_client.exceptions import TooManyRequestsError
 
-from channels import TokenBucket, build_channel
 from channels.base import Found, InDoubt, Outcome, OutgoingMessage
-from channels.sandbox import Faults, Reply, SendGridSandbox, unanswered_port
+from channels.pacing import TokenBucket
 from channels.sendgrid import SendGridEmail
 from engine.config import ChannelConfig, Config
+from engine.domain.unsubscribe import headers as unsubscribe_headers
 from engine.exceptions import ConfigError
-from engine.unsubscribe import headers as unsubscribe_headers
+from engine.providers import build_channel
+from engine.testing.standins import Faults, Reply, SendGridSandbox, unanswered_port
 
 SENDER = "会员中心 <members@example.com>"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.sms import segments
+from channels.sms import segments
 from engine.testing import Harness
 
 

@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine.testing import REPO, Harness
 
 
@@ -26,6 +28,7 @@ def journeys(tmp_path: Path, *keep: str, extra: dict[str, str] | None = None) ->
     return rules
 
 
+@pytest.mark.slow
 def test_the_ab_welcome_splits_app_sign_ups_by_weight_and_logs_the_holdout(tmp_path: Path, db_url: str) -> None:
     """400 app sign-ups: about 45% coupon, 45% points (+200 points), 10% holdout who get nothing but a logged row;
     the same member always lands in the same variant."""
@@ -60,7 +63,7 @@ def test_an_update_step_adds_points_and_tags_and_records_the_change(tmp_path: Pa
     assert points_people
     from sqlalchemy import select
 
-    from engine.models import events, members
+    from engine.store.models import events, members
     with h.app.store.connect() as conn:
         row = conn.execute(select(members).where(members.c.id == points_people[0])).mappings().one()
         changes = conn.execute(select(events.c.properties).where(events.c.member_id == points_people[0],

@@ -16,12 +16,12 @@ import pytest
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine import sandbox as sandbox_module
-from engine.context import ContextBuilder
 from engine.exceptions import TemplateRenderError
-from engine.rulebook import load_rulebook
-from engine.templates import Templates
+from engine.rules import sandbox_limits as sandbox_module
+from engine.rules.rulebook import load_rulebook
+from engine.rules.templates import Templates
 from engine.testing import REPO, Harness
+from engine.tick.context import ContextBuilder
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
 #: What a refused step may allocate while it is refused: far below the strings it was asked to build (1 GB and up).
@@ -421,15 +421,22 @@ def test_loops_and_operators_behave_as_in_jinja(scratch: Scratch) -> None:
                          "  x  |a b\nc d|{'k': [1, (2, 3)]}|a1None|a-b12")
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(REPO / "templates").as_posix()
-                                        for p in (REPO / "templates").rglob("*.j2")))
-def test_every_shipped_template_renders_as_jinja_renders_it(path: str) -> None:
-    """The bounds change no output: each shipped template gives what Jinja's own code gives, for members of every
-    tier, in both languages."""
+@pytest.fixture(scope="module")
+def shipped() -> tuple[Templates, Templates, ContextBuilder]:
+    """The shipped templates twice, ours and Jinja's own code generator, and the contexts templates see."""
     ours, plain = Templates(REPO / "templates", "zh-CN"), Templates(REPO / "templates", "zh-CN")
     plain.env.code_generator_class = CodeGenerator
     loyalty = load_rulebook(REPO / "rules", None).loyalty
-    contexts = ContextBuilder(loyalty, "zh-CN", "Asia/Shanghai")
+    return ours, plain, ContextBuilder(loyalty, "zh-CN", "Asia/Shanghai")
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO / "templates").as_posix()
+                                        for p in (REPO / "templates").rglob("*.j2")))
+def test_every_shipped_template_renders_as_jinja_renders_it(path: str, shipped: tuple[Templates, Templates,
+                                                                                     ContextBuilder]) -> None:
+    """The bounds change no output: each shipped template gives what Jinja's own code gives, for members of every
+    tier, in both languages."""
+    ours, plain, contexts = shipped
     locale, name_part = path.split("/", 1)
     name, part = name_part[: -len(".j2")].rsplit(".", 1)
     for tier in ("regular", "silver", "gold", "diamond"):

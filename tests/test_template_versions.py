@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from support import member, project
 
-from engine import quarantine
 from engine.testing import Harness
+from engine.tick import quarantine
 
 NOON = "2026-03-02T04:00:00Z"  # 12:00 in Shanghai
 GOOD = "Your coupon: {{ member.attributes.coupon | money }}"
@@ -75,6 +76,7 @@ def test_a_template_broken_from_the_start_holds_its_messages_until_fixed(tmp_pat
     h.close()
 
 
+@pytest.mark.slow
 def test_the_compose_worker_renders_the_versions_the_daemon_uses(tmp_path: Path, db_url: str) -> None:
     """A large send composed in the second process uses the same last good version, not its own reading of the
     broken file."""

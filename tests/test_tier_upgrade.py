@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from engine.models import events, members
+from engine.store.models import events, members
 from engine.testing import Harness
 
 CONGRATS = [("tier_upgrade", "congrats_email"), ("tier_upgrade", "congrats_sms")]

@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from channels import TokenBucket, build_channel
 from channels.base import Outcome, OutgoingMessage
-from channels.sandbox import Faults, Reply, TwilioSandbox, unanswered_port
+from channels.pacing import TokenBucket
 from channels.twilio import TwilioSMS
 from engine.config import ChannelConfig, Config
 from engine.exceptions import ConfigError
+from engine.providers import build_channel
+from engine.testing.standins import Faults, Reply, TwilioSandbox, unanswered_port
 
 PUBLIC_URL = "https://crm.example.com"
 FROM = "+15005550006"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.yamlsrc import load_yaml
+from engine.cli.main import main
+from engine.rules.yamlsrc import load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_JOURNEYS = len(list((REPO / "rules" / "journeys").glob("*.yaml")))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from engine.cli.main import main
 from engine.testing import REPO
 
 HEAD = "journey: x\nname: x\ntrigger: {event: signup}\nsteps:\n"

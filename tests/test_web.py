@@ -23,12 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from engine.daemon import WebThread, listen_address
+from engine.cli.daemon import WebThread, listen_address
+from engine.domain.timeutil import parse_instant
 from engine.exceptions import ConfigError, EngineError
-from engine.models import events, members
+from engine.http.app import create_app
+from engine.store.models import events, members
 from engine.testing import REPO, Harness
-from engine.timeutil import parse_instant
-from engine.web import create_app
 
 with warnings.catch_warnings():
     # starlette 1.10 asks for httpx2 in its TestClient; the dev dependencies pin httpx, which still works.
@@ -195,6 +195,7 @@ def test_put_member_with_bad_fields_is_422_and_stores_nothing(web: tuple[Harness
 # --------------------------------------------------------------------------- health and metrics
 
 
+@pytest.mark.slow
 def test_healthz_says_ok_and_503_when_the_database_is_gone(web: tuple[Harness, TestClient],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     harness, client = web
@@ -216,6 +217,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+@pytest.mark.slow
 def test_metrics_read_the_database_at_scrape_time(web: tuple[Harness, TestClient]) -> None:
     harness, client = web
     client.post("/v1/events", json={"member_id": "m1", "type": "signup", "at": NOW}, headers=AUTH)
@@ -260,6 +262,7 @@ def test_the_web_thread_of_serve_answers_over_a_socket_and_stops(harness: Harnes
     assert thread.thread is not None and not thread.thread.is_alive()
 
 
+@pytest.mark.slow
 def test_run_py_web_serves_until_sigterm_and_exits_cleanly(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(
         f"database: {{url: 'sqlite:///var/engine.db'}}\nrules_dir: {REPO / 'rules'}\n"

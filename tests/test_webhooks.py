@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import select, update
 from twilio.request_validator import RequestValidator
 
-from engine import unsubscribe, webhooks
-from engine.models import MessageStatus, events, members, messages, suppressions, webhook_receipts
+from engine.domain import unsubscribe
+from engine.domain.timeutil import parse_instant
+from engine.http import webhooks
+from engine.http.app import create_app
+from engine.store.models import MessageStatus, events, members, messages, suppressions, webhook_receipts
 from engine.testing import Harness
-from engine.timeutil import parse_instant
-from engine.web import create_app
 
 with warnings.catch_warnings():
     # starlette 1.10 asks for httpx2 in its TestClient; the dev dependencies pin httpx, which still works.
@@ -192,7 +193,7 @@ def test_a_callback_for_a_message_we_do_not_know_changes_nothing(service: tuple[
 
 def test_status_only_moves_forward_and_never_touches_a_suppressed_row(
         service: tuple[Harness, TestClient, Clock]) -> None:
-    """engine.webhooks.apply_status on its own: (status in the log, status reported) → does the row move?"""
+    """engine.http.webhooks.apply_status on its own: (status in the log, status reported) → does the row move?"""
     harness, _, _ = service
     sms_id = row(harness, "birthday_sms")["id"]
     s = MessageStatus

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import audit
+from engine.audit import chain as audit
 from engine.testing import REPO, Harness
 
 CLOCK = "2026-06-15T04:00:00Z"  # 12:00 in Shanghai
+
+pytestmark = pytest.mark.slow  # the slow tier: kills and hangs compose worker processes
 
 # A daemon-like process: an App whose compose worker is started, then waits to be killed.
 DAEMON = """

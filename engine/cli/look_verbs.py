@@ -1,0 +1,170 @@
+"""The verbs that look without changing the sending: ``preview``, ``log``, ``report``, ``audit verify``,
+``member show|forget``."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+
+import click
+
+from engine.audit import chain as audit
+from engine.audit import messagelog
+from engine.cli import funnel
+from engine.cli import members as member_ops
+from engine.cli.base import Ctx, handle_errors, instant, main
+from engine.programme import report as programme_report
+from engine.tick import quarantine
+
+# --------------------------------------------------------------------------- looking
+
+
+@main.command()
+@click.argument("journey_id")
+@click.argument("step_id")
+@click.option("--member", "member_id", required=True, help="the member to render for")
+@click.pass_obj
+@handle_errors
+def preview(obj: Ctx, journey_id: str, step_id: str, member_id: str) -> None:
+    """Render a step's message for a member, without sending."""
+    from engine.cli.preview import render_preview
+
+    app = obj.app()
+    try:
+        click.echo(render_preview(app, journey_id, step_id, member_id, datetime.now(UTC)))
+    finally:
+        app.close()
+
+
+@main.command(name="log")
+@click.option("--member", default=None)
+@click.option("--journey", default=None)
+@click.option("--status", type=click.Choice([*messagelog.STATUSES, "quarantined"]), default=None,
+              help="a message status, or quarantined: the units of work set aside after failing")
+@click.option("--since", default=None, help="ISO 8601")
+@click.option("--until", default=None, help="ISO 8601")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table", show_default=True)
+@click.pass_obj
+@handle_errors
+def log_cmd(obj: Ctx, member: str | None, journey: str | None, status: str | None, since: str | None,
+            until: str | None, fmt: str) -> None:
+    """Query the message log (or, with --status quarantined, the work set aside after failing)."""
+    flt = messagelog.LogFilter(member, journey, status, instant(since, "--since"), instant(until, "--until"))
+    app = obj.app()
+    held = 0
+    try:
+        with app.store.connect() as conn:
+            if status == "quarantined":
+                count = messagelog.write_quarantine(sys.stdout, quarantine.entries(conn, journey=journey,
+                                                                                   member=member), fmt)
+            else:
+                count = messagelog.write(sys.stdout, messagelog.rows(conn, flt), fmt)
+                held = quarantine.quarantined_total(conn) if fmt == "table" else 0
+    except BrokenPipeError:  # `| head` closed the pipe: that is fine
+        sys.stderr.close()
+        return
+    finally:
+        app.store.close()
+    if fmt == "table":
+        what = "unit(s) set aside" if status == "quarantined" else "message(s)"
+        click.echo(f"{count} {what}", err=True)
+        if held:
+            click.echo(f"and {held} unit(s) of work quarantined: `run.py log --status quarantined`", err=True)
+
+
+@main.command()
+@click.option("--journey", default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
+@click.option("--programme", is_flag=True, help="the loyalty programme instead: tiers, lifecycle, points, movements")
+@click.option("--from", "from_text", default=None, help="with --programme: start of the period (default: 30 days ago)")
+@click.option("--to", "to_text", default=None, help="with --programme: end of the period (default: now)")
+@click.pass_obj
+@handle_errors
+def report(obj: Ctx, journey: str | None, fmt: str, programme: bool, from_text: str | None,
+           to_text: str | None) -> None:
+    """Funnel and conversion figures per journey, or with --programme the loyalty programme's."""
+    app = obj.app()
+    if programme:
+        until = instant(to_text, "--to") or datetime.now(UTC)
+        since = instant(from_text, "--from") or until - timedelta(days=30)
+        loyalty = app.rules().loyalty
+        with app.store.connect() as conn:
+            item = programme_report.figures(conn, loyalty, since, until)
+        app.store.close()
+        locale = app.config.default_locale
+        click.echo(programme_report.as_json(item) if fmt == "json" else
+                   programme_report.as_html(item, loyalty, locale) if fmt == "html" else
+                   programme_report.as_table(item, loyalty, locale))
+        return
+    with app.store.connect() as conn:
+        items = funnel.figures(conn, journey)
+    app.store.close()
+    render = {"table": funnel.as_table, "json": funnel.as_json, "html": funnel.as_html}[fmt]
+    click.echo(render(items))
+
+@main.group(name="audit")
+def audit_group() -> None:
+    """Check the message log's integrity."""
+
+
+@audit_group.command("verify")
+@click.pass_obj
+@handle_errors
+def audit_verify(obj: Ctx) -> None:
+    """Check the log's hash chain and that every points balance equals its ledger; exit 1 naming what is wrong."""
+    from engine.programme import points
+
+    app = obj.app()
+    with app.store.connect() as conn:
+        result = audit.verify(conn)
+        checked, wrong = points.mismatches(conn)
+    app.store.close()
+    if not result.ok:
+        where = f"row {result.first_bad_id}" if result.first_bad_id is not None else "the log"
+        click.echo(f"audit FAILED at {where}: {result.problem}", err=True)
+        sys.exit(1)
+    if wrong:
+        for member_id, cached, total in wrong:
+            click.echo(f"audit FAILED: member {member_id} shows {cached} points but the ledger sums to {total}",
+                       err=True)
+        sys.exit(1)
+    extra = f" ({result.redacted} erased by `member forget`, hashes kept)" if result.redacted else ""
+    click.echo(f"audit ok: {result.rows} rows, hash chain intact{extra}; {checked} points balances equal their "
+               "ledgers")
+
+
+@main.group(name="member")
+def member_group() -> None:
+    """Look at or erase one member."""
+
+
+@member_group.command("show")
+@click.argument("member_id")
+@click.option("--at", "at", default=None, help="the clock for windows and expiries (ISO 8601; default now)")
+@click.pass_obj
+@handle_errors
+def member_show(obj: Ctx, member_id: str, at: str | None) -> None:
+    """Member state and history: profile, tier and progress, points and expiries, lifecycle, value, journeys."""
+    app = obj.app()
+    book = app.rules()
+    now = instant(at, "--at") or datetime.now(UTC)
+    with app.store.connect() as conn:
+        click.echo(member_ops.show(conn, member_id, book.loyalty, app.config.default_locale, now))
+    app.store.close()
+
+
+@member_group.command("forget")
+@click.argument("member_id")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.pass_obj
+@handle_errors
+def member_forget(obj: Ctx, member_id: str, yes: bool) -> None:
+    """Erase a member's personal data (log rows keep their hashes)."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Erase all personal data of member {member_id}? This cannot be undone", abort=True)
+    app = obj.app()
+    with app.store.begin() as conn:
+        counts = member_ops.forget(conn, member_id, datetime.now(UTC))
+    app.store.close()
+    click.echo(f"member {member_id} forgotten: {counts['messages']} log rows redacted, {counts['events']} events "
+               f"cleared, {counts['enrollments']} journeys ended")
