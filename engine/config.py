@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from engine.domain.timeutil import valid_zone
@@ -44,11 +44,21 @@ class SchedulerConfig(_Strict):
     # they still count for exits and goals.
     trigger_window: str = "2d"
 
+    _trigger_window: timedelta = PrivateAttr()
+
     @field_validator("trigger_window")
     @classmethod
     def _window(cls, value: str) -> str:
         parse_duration(value)
         return value
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._trigger_window = parse_duration(self.trigger_window)  # parsed once, here
+
+    @property
+    def trigger_age(self) -> timedelta:
+        """trigger_window as a duration."""
+        return self._trigger_window
 
 
 class ChannelConfig(_Strict):
@@ -147,15 +157,20 @@ class FrequencyCap(_Strict):
     max: int = Field(gt=0)
     per: str
 
+    _window: timedelta = PrivateAttr()
+
     @field_validator("per")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)
         return value
 
+    def model_post_init(self, context: Any, /) -> None:
+        self._window = parse_duration(self.per)  # parsed once, here
+
     @property
     def window(self) -> timedelta:
-        return parse_duration(self.per)
+        return self._window
 
 
 class Config(_Strict):

@@ -1,4 +1,4 @@
-"""The event matcher as the engine uses it: stories around durable-rules' traps (LIBRARY_NOTES.md).
+"""The event matcher as the engine uses it: stories around durable-rules' traps.
 
 Each trap has a test that would fail had we fallen into it: the 1,024-session cap, messages merged by a content
 hash or a 32-bit id hash, exceptions swallowed inside actions, a ruleset name registered twice, timer threads

@@ -302,7 +302,7 @@ def test_faults_are_drawn_from_the_seed() -> None:
 
 
 def test_twilio_callbacks_are_signed_over_the_public_url(receiver: Receiver) -> None:
-    """LIBRARY_NOTES: the signature covers the URL Twilio called — the public one, not what a proxy forwards to."""
+    """The signature covers the URL Twilio called — the public one, not what a proxy forwards to."""
     with TwilioSandbox(callback_url=receiver.url) as box:
         channel = twilio_channel(box)
         [result] = channel.send_batch([sms(5)])
@@ -340,7 +340,7 @@ def test_sendgrid_event_batches_are_signed_with_ecdsa(receiver: Receiver) -> Non
     assert verifier.verify_signature(body, signature, stamp)
     assert not verifier.verify_signature(body.replace("bounce", "delivered"), signature, stamp)
     assert not verifier.verify_signature(body, signature, str(int(stamp) + 1))
-    # LIBRARY_NOTES: garbage raises instead of answering False — the webhook must catch it.
+    # twilio's validator: garbage raises instead of answering False — the webhook must catch it.
     with pytest.raises(binascii.Error):
         verifier.verify_signature(body, "not base64!", stamp)
 

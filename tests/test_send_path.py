@@ -13,7 +13,7 @@ import jinja2
 import pytest
 from babel.numbers import format_decimal
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from channels.base import OutgoingMessage
 from channels.local import _line, _record
@@ -21,6 +21,7 @@ from engine.audit import chain as audit
 from engine.rules.formatting import babel_locale_for, grouped, plain_grouping
 from engine.rules.templates import Templates
 from engine.store.loading import _COLUMNS, load_batch, select_batch
+from engine.store.models import UTCDateTime
 from engine.testing import REPO, Harness
 
 _CHARS = ["a", "Z", '"', "\\", "\n", "\t", "\r", "\x00", "\x1f", "\x7f", "é", "中", "\u2028", "\U0001f600", " ",
@@ -166,14 +167,15 @@ def test_set_based_updates_write_what_a_statement_per_row_writes(harness: Harnes
     names = ("step", "status", "next_run_at", "exit_reason", "variant")
     stamp = datetime(2026, 3, 2, 1, 5, tzinfo=UTC)
     with harness.app.store.begin() as conn:
+        # Times bound as the engine binds them (not through sqlite3's default adapter, deprecated since 3.12).
         conn.execute(text("INSERT INTO members (id, attributes, created_at, updated_at, email_opt_in, sms_opt_in, "
-                          "points, total_spend, order_count) VALUES ('m', '{}', :t, :t, false, false, 0, 0, 0)"),
-                     {"t": stamp.replace(tzinfo=None)})
+                          "points, total_spend, order_count) VALUES ('m', '{}', :t, :t, false, false, 0, 0, 0)")
+                     .bindparams(bindparam("t", type_=UTCDateTime())), {"t": stamp})
         conn.execute(text(
             "INSERT INTO enrollments (id, journey_id, journey_version, member_id, trigger_key, status, step, "
-            "entered_at) VALUES (:id, :j, 1, 'm', :k, 'active', 'first', :t)"),
-            [{"id": i, "j": f"a{i}" if i <= 2000 else f"b{i}", "k": f"k{i}", "t": stamp.replace(tzinfo=None)}
-             for i in range(1, 4001)])
+            "entered_at) VALUES (:id, :j, 1, 'm', :k, 'active', 'first', :t)").bindparams(
+                bindparam("t", type_=UTCDateTime())),
+            [{"id": i, "j": f"a{i}" if i <= 2000 else f"b{i}", "k": f"k{i}", "t": stamp} for i in range(1, 4001)])
     writer = BulkWriter(harness.app.store.dialect)
     rng = random.Random(7)
 
@@ -303,13 +305,14 @@ def test_a_value_too_long_for_its_column_is_never_stored_cut_short(harness: Harn
 
     from engine.store.queries import BulkWriter
 
-    stamp = datetime(2026, 3, 2, 1, 5)
+    stamp = datetime(2026, 3, 2, 1, 5, tzinfo=UTC)
     with harness.app.store.begin() as conn:
         conn.execute(text("INSERT INTO members (id, attributes, created_at, updated_at, email_opt_in, sms_opt_in, "
-                          "points, total_spend, order_count) VALUES ('m', '{}', :t, :t, false, false, 0, 0, 0)"),
-                     {"t": stamp})
+                          "points, total_spend, order_count) VALUES ('m', '{}', :t, :t, false, false, 0, 0, 0)")
+                     .bindparams(bindparam("t", type_=UTCDateTime())), {"t": stamp})
         conn.execute(text("INSERT INTO enrollments (id, journey_id, journey_version, member_id, trigger_key, status, "
-                          "step, entered_at) VALUES (:id, :j, 1, 'm', 'k', 'active', 'first', :t)"),
+                          "step, entered_at) VALUES (:id, :j, 1, 'm', 'k', 'active', 'first', :t)")
+                     .bindparams(bindparam("t", type_=UTCDateTime())),
                      [{"id": 1, "j": "a", "t": stamp}, {"id": 2, "j": "b", "t": stamp}])
     long_step = "s" * 75
     try:

@@ -122,7 +122,7 @@ def test_no_answer_after_the_request_was_written_is_uncertain(sandbox: SendGridS
 
 
 def test_the_default_timeout_of_none_is_replaced(sandbox: SendGridSandbox) -> None:
-    """LIBRARY_NOTES: SendGridAPIClient waits forever by default. Ours gives up after the configured timeout."""
+    """SendGridAPIClient waits forever by default. Ours gives up after the configured timeout."""
     plain = SendGridEmail(sandbox.api_key, SENDER, base_url=sandbox.url, rate_per_second=0)
     assert plain.api.client.timeout == 10.0  # ChannelConfig's default, never the library's None
     channel = build_channel("email", config(sandbox, timeout=0.25))

@@ -201,7 +201,7 @@ def test_a_429_carries_retry_after_and_the_next_try_goes_through(channel: Twilio
                                                ("drop", Outcome.UNCERTAIN), ("lost", Outcome.UNCERTAIN)])
 def test_the_client_never_retries_on_its_own(channel: TwilioSMS, sandbox: TwilioSandbox, kind: str,
                                              outcome: Outcome) -> None:
-    """LIBRARY_NOTES: twilio does not retry; neither may our adapter. The engine retries, and logs each try."""
+    """twilio does not retry; neither may our adapter. The engine retries, and logs each try."""
     sandbox.fail_next(kind)
     [result] = channel.send_batch([sms(1)])
     assert result.outcome is outcome

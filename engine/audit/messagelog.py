@@ -13,7 +13,7 @@ from sqlalchemy import Connection, select
 
 from engine.store.models import MessageStatus, messages
 
-#: the contract's export fields, in order (DESIGN.md), then ours
+#: the export fields every log export starts with, in this order (the auditors' contract), then ours
 FIELDS = ("id", "member_id", "journey", "step", "channel", "template", "variant", "recipient", "subject", "body",
           "status", "provider_id", "error", "created_at", "sent_at", "hash", "prev_hash")
 EXTRA_FIELDS = ("reason", "journey_version", "enrollment_id", "locale", "attempts", "next_attempt_at")

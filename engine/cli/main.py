@@ -1,4 +1,4 @@
-"""The command line: ``python run.py VERB ...`` (see DESIGN.md for the contract).
+"""The command line: ``python run.py VERB ...`` (the verbs and their options: README, "Commands").
 
 Exit 0 on success, 1 on a user error (one clear line per problem; a traceback
 only with --debug), 2 on usage errors. The verbs live by group in data_verbs, run_verbs and look_verbs.

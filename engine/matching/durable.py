@@ -2,7 +2,7 @@
 
 ``EventMatcher`` tells which rule keys (``trigger:welcome``, ``exit:winback`` …) a stored event matches for its
 member at a clock: always the answer of ``conditions.evaluate`` and ``to_sql`` (tests/test_differential.py).
-The mapping, and the traps of LIBRARY_NOTES.md it avoids:
+The mapping, and the traps of durable-rules 2.0.28 it avoids (each measured; tests/test_matcher.py shows them):
 
 * One ruleset per rule key, built from data (``set_rulesets``, JSON rule format, a ``Host`` subclass), named
   ``matcher-<build>.<entry>.<part>``: unique in the process, on a fresh ``Host`` per matcher, so a reload never

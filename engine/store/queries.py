@@ -131,6 +131,10 @@ def claim_unhandled_events(conn: Connection, now: datetime, limit: int, *,
 # --------------------------------------------------------------------------- hand-overs and crash recovery
 
 
+def mark_events_handled(conn: Connection, ids: Sequence[int], now: datetime) -> None:
+    conn.execute(update(events).where(events.c.id.in_(list(ids))).values(handled_at=now))
+
+
 def set_handover(conn: Connection, worker: str, channel: str, first_id: int, last_id: int, position: str | None,
                  now: datetime) -> None:
     """WORKER is about to hand CHANNEL its `sending` rows with ids FIRST_ID..LAST_ID (engine.store.models.Handover).

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from random import Random
 from typing import Any
 
@@ -35,7 +34,9 @@ from engine.domain.timeutil import zone
 from engine.rules.conditions_sql import to_sql
 from engine.rules.journey import DateTrigger, EventTrigger, Journey, SegmentTrigger
 from engine.rules.versions import LiveJourney
+from engine.store import enrollments as enrollment_rows
 from engine.store.database import insert_for
+from engine.store.enrollments import History
 from engine.store.models import EnrollmentStatus, UTCDateTime, enrollments, journey_state, members
 from engine.tick.parts import Parts
 from engine.tick.quarantine import is_systemic
@@ -55,10 +56,9 @@ BROAD_AUDIENCE = 0.03
 AUDIENCE_SAMPLE = 256  # members looked at to estimate the share
 
 
-@dataclass
-class History:
-    active: bool
-    last_entered: datetime
+def capped_per_day(journeys: Iterable[LiveJourney]) -> dict[str, int]:
+    """The journeys with an entry.max_per_day, and that cap."""
+    return {j.id: j.journey.entry.max_per_day for j in journeys if j.journey.entry.max_per_day}
 
 
 def eligible(journey: Journey, history: History | None, now: datetime) -> bool:
@@ -76,48 +76,12 @@ def eligible(journey: Journey, history: History | None, now: datetime) -> bool:
     return history.last_entered <= now - rule
 
 
-def entry_histories(conn: Connection, journey_ids: Iterable[str],
-               member_ids: Iterable[str]) -> dict[tuple[str, str], History]:
-    ids, journeys = list(set(member_ids)), list(set(journey_ids))
-    if not ids or not journeys:
-        return {}
-    is_active = func.max(func.cast(enrollments.c.status == ACTIVE, enrollments.c.journey_version.type))
-    stmt = (select(enrollments.c.journey_id, enrollments.c.member_id, func.max(enrollments.c.entered_at), is_active)
-            .where(enrollments.c.member_id.in_(ids), enrollments.c.journey_id.in_(journeys))
-            .group_by(enrollments.c.journey_id, enrollments.c.member_id))
-    out = {}
-    for journey_id, member_id, last, active in conn.execute(stmt):
-        out[(journey_id, member_id)] = History(bool(active), last)
-    return out
-
-
 def new_enrollment(live: LiveJourney, member_id: str, trigger_key: str, now: datetime,
                 event_id: int | None = None) -> dict[str, Any]:
     return {"journey_id": live.id, "journey_version": live.version, "member_id": member_id,
             "trigger_key": trigger_key, "event_id": event_id, "status": ACTIVE, "step": live.journey.first_step,
             "next_run_at": now, "entered_at": now, "ended_at": None, "exit_reason": None, "converted_at": None,
             "variant": None, "waiting_for": None, "claimed_by": None, "claimed_until": None}
-
-
-def day_quotas(conn: Connection, journeys: Iterable[LiveJourney], now: datetime, tz_name: str) -> dict[str, int]:
-    """Entries each capped journey may still take today (calendar day in TZ_NAME, the default time zone)."""
-    capped = {j.id: j.journey.entry.max_per_day for j in journeys if j.journey.entry.max_per_day}
-    if not capped:
-        return {}
-    tz = zone(tz_name)
-    midnight = datetime.combine(now.astimezone(tz).date(), time(0, 0), tzinfo=tz)
-    counts: dict[str, int] = dict(conn.execute(
-        select(enrollments.c.journey_id, func.count()).where(
-            enrollments.c.journey_id.in_(list(capped)), enrollments.c.entered_at >= midnight)
-        .group_by(enrollments.c.journey_id)).all())
-    return {journey_id: cap - int(counts.get(journey_id, 0)) for journey_id, cap in capped.items()}
-
-
-def insert_enrollments(conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> int:
-    """Insert, skipping any the UNIQUE constraints refuse; the count comes from RETURNING because DBAPI
-    row counts of a multi-row insert are not reliable across drivers (psycopg reports -1)."""
-    stmt = insert_for(dialect)(enrollments).on_conflict_do_nothing().returning(enrollments.c.id)
-    return len(conn.execute(stmt, rows).all())
 
 
 class EntryPhase:
@@ -194,7 +158,8 @@ class EntryPhase:
                                  .with_for_update(skip_locked=True)).first()
             if state is None:
                 return 0  # another daemon is entering this journey right now
-            room = day_quotas(conn, [journey], now, self.app.config.default_timezone).get(journey.id)
+            room = enrollment_rows.entries_left_today(conn, capped_per_day([journey]), now,
+                                                      self.app.config.default_timezone).get(journey.id)
             if room is not None and room <= 0:
                 return 0
             if isinstance(trigger, SegmentTrigger):
@@ -274,7 +239,7 @@ class EntryPhase:
             month_day.in_(sorted(m * 100 + d for m, d in wanted)))
         new_rows: list[dict[str, Any]] = []
         for chunk in _chunks(conn.execute(stmt), 1000):
-            histories = entry_histories(conn, [journey.id], [r.id for r in chunk])
+            histories = enrollment_rows.histories(conn, [journey.id], [r.id for r in chunk])
             for row in chunk:
                 fire_at, occurrence = _date_occurrence(row.anniversary, row.timezone, trigger, start, now,
                                                        self.app.config.default_timezone)
@@ -287,7 +252,7 @@ class EntryPhase:
             new_rows = new_rows[:room]
         if not new_rows:
             return 0
-        return insert_enrollments(conn, self.app.store.dialect, new_rows)
+        return enrollment_rows.insert_skipping_duplicates(conn, self.app.store.dialect, new_rows)
 
 def _audience_share(conn: Connection, audience: ColumnElement[bool]) -> float:
     """The share of (not forgotten) members in AUDIENCE, estimated from up to AUDIENCE_SAMPLE of them picked

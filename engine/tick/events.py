@@ -14,27 +14,19 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     bindparam,
-    or_,
     select,
     update,
 )
 
 from engine.matching.events import Matcher, MatcherCache
-from engine.rules.durations import parse_duration
 from engine.rules.journey import EventTrigger
 from engine.rules.versions import LiveJourney, VersionUnreadable, computed_needed
+from engine.store import enrollments as enrollment_rows
 from engine.store import queries
 from engine.store.computed import computed_columns
+from engine.store.enrollments import History
 from engine.store.models import EnrollmentStatus, enrollments, events, members
-from engine.tick.entry import (
-    ACTIVE,
-    History,
-    day_quotas,
-    eligible,
-    entry_histories,
-    insert_enrollments,
-    new_enrollment,
-)
+from engine.tick.entry import ACTIVE, capped_per_day, eligible, new_enrollment
 from engine.tick.parts import Parts
 from engine.tick.quarantine import Failure, Kind, describe, is_systemic
 from engine.tick.quarantine import record as record_failures
@@ -120,7 +112,7 @@ class EventPhase:
     def _match_and_mark(self, conn: Connection, ids: list[int], now: datetime, running: list[LiveJourney],
                         report: TickReport) -> None:
         failures = self._match(conn, ids, now, running, report)
-        conn.execute(update(events).where(events.c.id.in_(ids)).values(handled_at=now))
+        queries.mark_events_handled(conn, ids, now)
         self._quarantine_events(conn, failures, now, report)
 
     def _match_one(self, event_id: int, now: datetime, running: list[LiveJourney], report: TickReport) -> None:
@@ -134,7 +126,7 @@ class EventPhase:
                 raise
             with self.app.store.begin() as conn:
                 member = conn.execute(select(events.c.member_id).where(events.c.id == event_id)).scalar()
-                conn.execute(update(events).where(events.c.id == event_id).values(handled_at=now))
+                queries.mark_events_handled(conn, [event_id], now)
                 self._quarantine_events(conn, [Failure.of(exc, Kind.EVENT, event_id, member_id=member)], now,
                                         report)
 
@@ -158,15 +150,16 @@ class EventPhase:
                  .mappings()]
         member_ids = list({e["member_id"] for e in batch})
         people = self._people(conn, member_ids, now)
-        by_member = self._open_enrollments(conn, member_ids)
+        by_member = enrollment_rows.open_by_member(conn, member_ids)
         triggered = [j for j in running if isinstance(j.journey.trigger, EventTrigger)]
         versions = self._versions(conn, {(r["journey_id"], r["journey_version"])
                                          for rows in by_member.values() for r in rows}, report)
         matcher = self.matchers.get([*triggered, *versions.values()])
         state = _Matching(
-            now=now, oldest=now - parse_duration(self.app.config.scheduler.trigger_window),
-            histories=entry_histories(conn, [j.id for j in triggered], member_ids),
-            quota=day_quotas(conn, triggered, now, self.app.config.default_timezone))
+            now=now, oldest=now - self.app.config.scheduler.trigger_age,
+            histories=enrollment_rows.histories(conn, [j.id for j in triggered], member_ids),
+            quota=enrollment_rows.entries_left_today(conn, capped_per_day(triggered), now,
+                                                   self.app.config.default_timezone))
         failures: list[Failure] = []
         for event in batch:
             member = people.get(event["member_id"])
@@ -189,19 +182,6 @@ class EventPhase:
         extra = computed_columns(computed_needed(self.app.versions.all_live()), now, self.app.store.dialect)
         return {r["id"]: dict(r) for r in conn.execute(
             select(members, *extra).where(members.c.id.in_(member_ids), members.c.forgotten_at.is_(None))).mappings()}
-
-    @staticmethod
-    def _open_enrollments(conn: Connection, member_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-        """Per member, the enrollments an event can still affect: active, or ended but not yet converted."""
-        by_member: dict[str, list[dict[str, Any]]] = {}
-        for row in conn.execute(
-                select(enrollments.c.id, enrollments.c.journey_id, enrollments.c.journey_version,
-                       enrollments.c.member_id, enrollments.c.status, enrollments.c.entered_at,
-                       enrollments.c.converted_at, enrollments.c.step, enrollments.c.waiting_for)
-                .where(enrollments.c.member_id.in_(member_ids),
-                       or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings():
-            by_member.setdefault(row["member_id"], []).append(dict(row))
-        return by_member
 
     def _versions(self, conn: Connection, keys: set[tuple[str, int]],
                   report: TickReport) -> dict[tuple[str, int], LiveJourney]:
@@ -276,7 +256,8 @@ class EventPhase:
                          [{"_id": k, "_why": v} for k, v in exits.items()])
             report.add("exited", len(exits))
         if state.new_rows:
-            report.add("enrolled", insert_enrollments(conn, self.app.store.dialect, state.new_rows))
+            report.add("enrolled", enrollment_rows.insert_skipping_duplicates(conn, self.app.store.dialect,
+                                                                              state.new_rows))
 
     @staticmethod
     def _goal_and_exit(live: LiveJourney, row: dict[str, Any], event: Mapping[str, Any], keys: set[str],
