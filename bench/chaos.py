@@ -64,10 +64,10 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import Engine, create_engine, func, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from engine import queries  # noqa: E402
 from engine.app import App  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.rules.loyalty import Loyalty  # noqa: E402
+from engine.store import queries  # noqa: E402
 from engine.store.database import Store  # noqa: E402
 from engine.store.models import enrollments, handovers, members, messages  # noqa: E402
 from engine.testing.standins import Faults, Hangup, Reply, SendGridSandbox, TwilioSandbox  # noqa: E402

@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from engine import audit  # noqa: E402
 from engine.app import App  # noqa: E402
+from engine.audit import chain as audit  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.rules.loyalty import Loyalty  # noqa: E402
 from engine.store.models import enrollments, members, messages  # noqa: E402

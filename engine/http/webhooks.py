@@ -30,7 +30,7 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 from engine.ingest.members import RowError, normalise_email, normalise_phone
 from engine.store.database import insert_for
 from engine.store.models import MessageStatus, UTCDateTime, events, members, messages, suppressions, webhook_receipts
-from engine.tick.safety import add_suppressions
+from engine.store.rails import add_suppressions
 
 #: how far along a message is; a callback may only move it to a higher rank
 RANK = {MessageStatus.QUEUED: 0, MessageStatus.SENDING: 0, MessageStatus.UNKNOWN: 0, MessageStatus.SENT: 1,

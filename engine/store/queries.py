@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -21,6 +21,7 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    literal,
     literal_column,
     or_,
     select,
@@ -28,14 +29,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
+from engine.store.database import insert_for
 from engine.store.models import (
     Base,
     EnrollmentStatus,
     MessageStatus,
+    UTCDateTime,
     enrollments,
     events,
     handovers,
     messages,
+    programme_state,
     webhook_receipts,
 )
 
@@ -133,6 +137,61 @@ def claim_unhandled_events(conn: Connection, now: datetime, limit: int, *,
 
 def mark_events_handled(conn: Connection, ids: Sequence[int], now: datetime) -> None:
     conn.execute(update(events).where(events.c.id.in_(list(ids))).values(handled_at=now))
+
+
+def claim_task(conn: Connection, task: str, now: datetime, every: timedelta) -> tuple[bool, datetime | None]:
+    """(due, when it last ran): lock TASK's row; if due, mark it run at NOW (committed with the caller's work)."""
+    insert = insert_for(conn.dialect.name)
+    conn.execute(insert(programme_state).values(task=task, ran_at=datetime.min.replace(tzinfo=now.tzinfo))
+                 .on_conflict_do_nothing(index_elements=["task"]))
+    stmt = select(programme_state.c.ran_at).where(programme_state.c.task == task)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    last = conn.execute(stmt).scalar_one()
+    never = last.year == 1
+    if not never and now < last + every:
+        return False, last
+    conn.execute(update(programme_state).where(programme_state.c.task == task).values(ran_at=now))
+    return True, None if never else last
+
+
+# --------------------------------------------------------------------------- messages in doubt (reconciliation)
+
+_IN_DOUBT = (messages.c.id, messages.c.channel, messages.c.recipient, messages.c.body, messages.c.subject,
+            messages.c.created_at, messages.c.attempts, messages.c.error)
+
+
+def messages_in_doubt(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """What reconciliation asks a channel about, for the messages IDS, in id order."""
+    return [dict(r) for r in conn.execute(select(*_IN_DOUBT).where(messages.c.id.in_(list(ids)))
+                                          .order_by(messages.c.id)).mappings()]
+
+
+def settle_in_doubt(conn: Connection, worker: str, now: datetime, *, sent: list[dict[str, Any]],
+                    again: list[dict[str, Any]], failed: list[dict[str, Any]], still_open: list[dict[str, Any]],
+                    sent_reason: str) -> None:
+    """Record what the channels said of unknown messages WORKER holds (rows keyed _id, with _error, _provider,
+    _at): SENT found (provider id and first sent_at kept), AGAIN queued now, FAILED given up, STILL_OPEN left
+    unknown with a new error and time to ask again. Each releases the claim."""
+    mine = (messages.c.id == bindparam("_id"), messages.c.status == MessageStatus.UNKNOWN.value,
+            messages.c.claimed_by == worker)
+    released = {"claimed_by": None, "claimed_until": None, "updated_at": now}
+    if sent:
+        conn.execute(update(messages).where(*mine).values(
+            status=MessageStatus.SENT.value, provider_id=func.coalesce(bindparam("_provider"), messages.c.provider_id),
+            sent_at=func.coalesce(messages.c.sent_at, literal(now, UTCDateTime())),
+            reason=sent_reason, error=bindparam("_error"), next_attempt_at=None, **released), sent)
+    if again:
+        conn.execute(update(messages).where(*mine).values(
+            status=MessageStatus.QUEUED.value, reason="retry", error=bindparam("_error"),
+            next_attempt_at=literal(now, UTCDateTime()), **released), again)
+    if failed:
+        conn.execute(update(messages).where(*mine).values(
+            status=MessageStatus.FAILED.value, error=bindparam("_error"), next_attempt_at=None, **released), failed)
+    if still_open:
+        conn.execute(update(messages).where(*mine).values(
+            error=bindparam("_error"), next_attempt_at=bindparam("_at", type_=UTCDateTime()),
+            **released), still_open)
 
 
 def set_handover(conn: Connection, worker: str, channel: str, first_id: int, last_id: int, position: str | None,

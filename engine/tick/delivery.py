@@ -33,11 +33,12 @@ from engine.domain import unsubscribe as unsub
 from engine.store import queries
 from engine.store.database import Store
 from engine.store.models import MessageStatus, members, messages
+from engine.store.rails import add_suppressions
 from engine.tick.composer import UNSUBSCRIBE_URL
 from engine.tick.quarantine import Failure, Kind, is_systemic
 from engine.tick.quarantine import record as record_failures
 from engine.tick.report import TickReport
-from engine.tick.safety import Rails, Reason, Verdict, add_suppressions
+from engine.tick.safety import Rails, Reason, Verdict
 
 log = logging.getLogger(__name__)
 

@@ -16,32 +16,15 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, select, update
-
 from engine.programme import intelligence, points, tiers
 from engine.rules.loyalty import Loyalty
 from engine.rules.rulebook import Rulebook
-from engine.store.database import Store, insert_for
-from engine.store.models import events, programme_state
+from engine.store import queries
+from engine.store.database import Store
+from engine.store.models import events
 from engine.tick.report import TickReport
 
 log = logging.getLogger(__name__)
-
-
-def claim_task(conn: Connection, task: str, now: datetime, every: timedelta) -> tuple[bool, datetime | None]:
-    """(due, when it last ran): lock TASK's row; if due, mark it run at NOW (committed with the caller's work)."""
-    insert = insert_for(conn.dialect.name)
-    conn.execute(insert(programme_state).values(task=task, ran_at=datetime.min.replace(tzinfo=now.tzinfo))
-                 .on_conflict_do_nothing(index_elements=["task"]))
-    stmt = select(programme_state.c.ran_at).where(programme_state.c.task == task)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    last = conn.execute(stmt).scalar_one()
-    never = last.year == 1
-    if not never and now < last + every:
-        return False, last
-    conn.execute(update(programme_state).where(programme_state.c.task == task).values(ran_at=now))
-    return True, None if never else last
 
 
 class ProgrammePhase:
@@ -57,7 +40,7 @@ class ProgrammePhase:
             return
         loyalty = book.loyalty
         with self.store.begin() as conn:
-            due, since = claim_task(conn, "points_expiry", now, timedelta(0))
+            due, since = queries.claim_task(conn, "points_expiry", now, timedelta(0))
             if due and (since is None or since < now):
                 report.add("points_expired", len(points.expire_due(conn, loyalty, since, now)))
         while True:
@@ -75,7 +58,7 @@ class ProgrammePhase:
     def refresh(self, loyalty: Loyalty, now: datetime, report: TickReport, *, force: bool = False) -> None:
         with self.store.begin() as conn:
             every = timedelta(0) if force else loyalty.intelligence.refresh_every
-            due, _ = claim_task(conn, "intelligence", now, every)
+            due, _ = queries.claim_task(conn, "intelligence", now, every)
             if due:
                 intelligence.refresh(conn, loyalty, now)
                 report.add("rfm_scored", intelligence.refresh_rfm(conn))

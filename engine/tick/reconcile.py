@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, literal, select, update
+from sqlalchemy import Connection
 
 from channels.base import Channel, Found, InDoubt, Reconciled
 from engine.store import queries
 from engine.store.database import Store
-from engine.store.models import MessageStatus, UTCDateTime, messages
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +98,6 @@ class Reconciliation:
         return self.sent + self.resent + self.failed
 
 
-_COLUMNS = (messages.c.id, messages.c.channel, messages.c.recipient, messages.c.body, messages.c.subject,
-            messages.c.created_at, messages.c.attempts, messages.c.error)
-
 
 def reconcile(store: Store, channel: Callable[[str], Channel], worker: str, now: datetime, *,
               max_attempts: Callable[[str], int], lease: timedelta, everything: bool = False,
@@ -118,8 +114,7 @@ def reconcile(store: Store, channel: Callable[[str], Channel], worker: str, now:
             return report
         after = ids[-1]
         with store.connect() as conn:
-            rows = [dict(r) for r in conn.execute(select(*_COLUMNS).where(messages.c.id.in_(ids))
-                                                  .order_by(messages.c.id)).mappings()]
+            rows = queries.messages_in_doubt(conn, ids)
         by_channel: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_channel.setdefault(row["channel"], []).append(row)
@@ -171,25 +166,8 @@ def _apply(conn: Connection, worker: str, channel: str, rows: Sequence[dict[str,
             cause = (row["error"] or "in doubt").split(_SEPARATOR)[0]
             open_.append({"_id": row["id"], "_error": f"{cause}{_SEPARATOR}{answer.detail}", "_at": retry})
             report.reasons[answer.detail] += 1
-    mine = (messages.c.id == bindparam("_id"), messages.c.status == MessageStatus.UNKNOWN.value,
-            messages.c.claimed_by == worker)
-    released = {"claimed_by": None, "claimed_until": None, "updated_at": now}
-    if sent:
-        conn.execute(update(messages).where(*mine).values(
-            status=MessageStatus.SENT.value, provider_id=func.coalesce(bindparam("_provider"), messages.c.provider_id),
-            sent_at=func.coalesce(messages.c.sent_at, literal(now, UTCDateTime())),
-            reason=_SENT_NOTE, error=bindparam("_error"), next_attempt_at=None, **released), sent)
-    if again:
-        conn.execute(update(messages).where(*mine).values(
-            status=MessageStatus.QUEUED.value, reason="retry", error=bindparam("_error"),
-            next_attempt_at=literal(now, UTCDateTime()), **released), again)
-    if failed:
-        conn.execute(update(messages).where(*mine).values(
-            status=MessageStatus.FAILED.value, error=bindparam("_error"), next_attempt_at=None, **released), failed)
-    if open_:
-        conn.execute(update(messages).where(*mine).values(
-            error=bindparam("_error"), next_attempt_at=bindparam("_at", type_=UTCDateTime()),
-            **released), open_)
+    queries.settle_in_doubt(conn, worker, now, sent=sent, again=again, failed=failed, still_open=open_,
+                            sent_reason=_SENT_NOTE)
     report.sent += len(sent)
     report.resent += len(again)
     report.failed += len(failed)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from engine.config import Config, FrequencyCap
 from engine.domain.timeutil import zone
-from engine.store.database import insert_for
-from engine.store.models import MessageStatus, messages, suppressions
-from engine.store.queries import among, chunked
+from engine.store import rails as rails_rows
+from engine.store.models import MessageStatus
+from engine.store.rails import suppressed_addresses
 
 #: statuses that count against a frequency cap: everything that went, or will go, out
 COUNTED = (MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.SENT, MessageStatus.DELIVERED,
@@ -105,14 +105,9 @@ class CapCounter:
         if not self.caps or not ids:
             return
         for index, cap in enumerate(self.caps):
-            since = now - cap.window
-            stmt = (select(messages.c.member_id, messages.c.channel, func.count())
-                    .where(messages.c.member_id.in_(ids), messages.c.created_at > since,
-                           messages.c.category == "marketing",
-                           messages.c.status.in_([s.value for s in COUNTED]))
-                    .group_by(messages.c.member_id, messages.c.channel))
-            for member_id, channel, count in conn.execute(stmt):
-                self.counts[(index, member_id, channel)] += int(count)
+            for (member_id, channel), count in rails_rows.marketing_counts(conn, ids, now - cap.window,
+                                                                           COUNTED).items():
+                self.counts[(index, member_id, channel)] += count
 
     def exceeded(self, member_id: str, channel: str) -> FrequencyCap | None:
         for index, cap in enumerate(self.caps):
@@ -129,30 +124,6 @@ class CapCounter:
     def add(self, member_id: str, channel: str) -> None:
         for index in range(len(self.caps)):
             self.counts[(index, member_id, channel)] += 1
-
-
-def add_suppressions(conn: Connection, dialect: str, entries: Iterable[tuple[str, str, str]], source: str,
-                     now: datetime) -> None:
-    """Add (channel, address, reason) entries; an address already listed keeps its first reason."""
-    rows = [{"channel": c, "address": a, "reason": r, "source": source, "created_at": now} for c, a, r in entries if a]
-    if rows:
-        insert = insert_for(dialect)
-        conn.execute(insert(suppressions).on_conflict_do_nothing(), rows)
-
-
-def suppressed_addresses(conn: Connection, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    by_channel: dict[str, set[str]] = defaultdict(set)
-    for channel, address in pairs:
-        by_channel[channel].add(address)
-    found: set[tuple[str, str]] = set()
-    dialect = conn.dialect.name
-    for channel, addresses in by_channel.items():
-        for chunk in chunked(sorted(addresses), dialect):
-            # (channel, address) is the unique index: one index probe per address.
-            rows = conn.execute(select(suppressions.c.address).where(
-                suppressions.c.channel == channel, among(suppressions.c.address, chunk, dialect)))
-            found.update((channel, a) for a in rows.scalars())
-    return found
 
 
 class Rails:
