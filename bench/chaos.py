@@ -67,7 +67,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from engine.app import App  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.rules.loyalty import Loyalty  # noqa: E402
-from engine.store import queries  # noqa: E402
+from engine.store import handovers as in_doubt  # noqa: E402
 from engine.store.database import Store  # noqa: E402
 from engine.store.models import enrollments, handovers, members, messages  # noqa: E402
 from engine.testing.standins import Faults, Hangup, Reply, SendGridSandbox, TwilioSandbox  # noqa: E402
@@ -584,10 +584,10 @@ class Combination:
 
     def stranded(self, kill: Kill) -> None:
         """What the dead daemon left: its worker id, its `sending` rows, those inside its recorded hand-over
-        (engine.store.queries.stranded_messages, asked as if every claim had run out; nothing else runs now), their
+        (engine.store.in_doubt.stranded_messages, asked as if every claim had run out; nothing else runs now), their
         channel, the hand-over itself and (providers) how many of them the stand-in got a request for."""
         with self.db_store.begin() as conn:
-            rows = queries.stranded_messages(conn, datetime.now(UTC) + timedelta(days=1))
+            rows = in_doubt.stranded_messages(conn, datetime.now(UTC) + timedelta(days=1))
             mine = [s for s in rows if s.worker.rsplit(":", 2)[-2:-1] == [str(kill.pid)]]
             hand = conn.execute(select(handovers).where(handovers.c.worker == mine[0].worker)).first() \
                 if mine else None

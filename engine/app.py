@@ -26,9 +26,9 @@ from engine.rules.loyalty import Loyalty
 from engine.rules.rulebook import Rulebook, journey_files, load_rulebook
 from engine.rules.templates import Templates
 from engine.rules.versions import LiveJourney, VersionCache, last_good_templates, register_templates, sync
-from engine.store import queries
+from engine.store import quarantine, queries
 from engine.store.database import Store
-from engine.tick import quarantine, reconcile
+from engine.tick import reconcile
 from engine.tick.entry import EntryPhase
 from engine.tick.events import EventPhase
 from engine.tick.programme import ProgrammePhase
@@ -141,7 +141,7 @@ class App:
 
     def live_journeys(self, now: datetime, book: Rulebook | None = None) -> dict[str, LiveJourney]:
         """Every journey that should run, by id: paused ones (their compiled form failed at run time, see
-        engine.tick.quarantine) are left out until the journey changes or `run.py retry` lifts the pause."""
+        engine.store.quarantine) are left out until the journey changes or `run.py retry` lifts the pause."""
         book = book or self.rules()
         with self.store.begin() as conn:
             live = sync(conn, self.store.dialect, book, self.versions, now)

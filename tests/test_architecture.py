@@ -67,3 +67,14 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     graph.add_import(importer="a.y", imported="a.x")
     graph.add_import(importer="a.z", imported="a.x")
     assert cycles(graph) == [["a.x", "a.y"]]
+
+
+def test_the_provider_clients_are_loaded_only_when_a_channel_needs_them() -> None:
+    # twilio and sendgrid (with requests, urllib3…) cost each engine process about 15 MB and start-up time; the
+    # daemon and its compose worker import the engine (the HTTP service needs their signature checks only), and
+    # most installations send through the outbox.
+    probe = ("import sys, engine.app, engine.cli.main, engine.tick.pipeline; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'twilio', 'sendgrid', 'requests'}))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

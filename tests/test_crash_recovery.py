@@ -17,7 +17,7 @@ from support import Crash, Provider
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from channels.local import OutboxChannel
-from engine.store import queries
+from engine.store import handovers
 from engine.testing import Harness
 
 pytestmark = pytest.mark.slow  # the slow tier: kills daemons and replays crashes
@@ -56,7 +56,7 @@ def test_a_crash_mid_delivery_leaves_only_the_hand_over_in_doubt(tmp_path: Path,
 
     h = restarted(tmp_path, db_url, provider)
     with h.app.store.connect() as conn:
-        stranded = queries.stranded_messages(conn, h.at(NOON) + timedelta(minutes=10))
+        stranded = handovers.stranded_messages(conn, h.at(NOON) + timedelta(minutes=10))
     assert len(stranded) == 7
     in_doubt = [s for s in stranded if s.handed_at is not None]
     assert [s.id for s in in_doubt] == [4, 5, 6]  # the hand-over in progress, no more

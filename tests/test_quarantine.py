@@ -13,9 +13,9 @@ from sqlalchemy import update
 from support import COUPON, member, project
 
 from engine.cli.main import main
+from engine.store import quarantine
 from engine.store.models import enrollments
 from engine.testing import Harness
-from engine.tick import quarantine
 
 NOON = "2026-03-02T04:00:00Z"  # 12:00 in Shanghai
 

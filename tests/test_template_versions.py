@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from support import member, project
 
+from engine.store import quarantine
 from engine.testing import Harness
-from engine.tick import quarantine
 
 NOON = "2026-03-02T04:00:00Z"  # 12:00 in Shanghai
 GOOD = "Your coupon: {{ member.attributes.coupon | money }}"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from engine.store import quarantine
 from engine.testing import REPO, Harness
-from engine.tick import quarantine
 
 BIRTHDAY_TICK = "2026-05-20T10:01:00+08:00"
 

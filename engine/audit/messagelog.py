@@ -115,7 +115,7 @@ _QUARANTINE_TABLE = ("id", "last_failed_at", "kind", "ref", "journey_id", "step"
 
 
 def write_quarantine(out: IO[str], entries: list[dict[str, Any]], fmt: str) -> int:
-    """The units of work set aside after failing (engine.tick.quarantine), in the log's formats."""
+    """The units of work set aside after failing (engine.store.quarantine), in the log's formats."""
     records = [{k: _value(e.get(k)) for k in QUARANTINE_FIELDS} for e in entries]
     if fmt == "jsonl":
         for item in records:

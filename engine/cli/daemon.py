@@ -30,8 +30,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 from engine.app import App
 from engine.config import listen_address as config_listen_address
 from engine.exceptions import ConfigError, EngineError
+from engine.store.quarantine import describe, quarantined_total
 from engine.tick.health import TickHealth
-from engine.tick.quarantine import describe, quarantined_total
 
 log = logging.getLogger("engine.cli.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

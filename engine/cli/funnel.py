@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import Connection, case, func, select
 
+from engine.store import quarantine
 from engine.store.models import EnrollmentStatus, enrollments, messages
-from engine.tick import quarantine
 
 
 @dataclass

@@ -14,7 +14,7 @@ from engine.cli import funnel
 from engine.cli import members as member_ops
 from engine.cli.base import Ctx, handle_errors, instant, main
 from engine.programme import report as programme_report
-from engine.tick import quarantine
+from engine.store import quarantine
 
 # --------------------------------------------------------------------------- looking
 

@@ -11,8 +11,8 @@ from engine.exceptions import NotFound
 from engine.programme import points
 from engine.programme.tiers import load_purchases, window_start
 from engine.rules.loyalty import Loyalty
+from engine.store import quarantine
 from engine.store.models import EnrollmentStatus, enrollments, events, members, messages
-from engine.tick import quarantine
 
 
 def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str, now: datetime) -> str:

@@ -22,10 +22,10 @@ from engine.app import App
 from engine.audit import chain as audit
 from engine.audit.chain import content_hash
 from engine.rules.journey import SendStep
+from engine.store import quarantine
 from engine.store.models import EnrollmentStatus, MessageStatus, enrollments, events, messages
 from engine.store.models import quarantine as quarantine_table
-from engine.tick import quarantine
-from engine.tick.quarantine import Kind, Status
+from engine.store.quarantine import Kind, Status
 from engine.tick.report import TickReport
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from engine.cli.base import Ctx, handle_errors, instant, main
 from engine.exceptions import AlreadyRunning
 from engine.rules.durations import parse_duration
+from engine.store import quarantine
 from engine.store.models import MessageStatus, messages
-from engine.tick import quarantine
 from engine.tick.report import TickReport
 
 # --------------------------------------------------------------------------- running

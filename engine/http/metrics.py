@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.store.database import Store
 from engine.store.models import enrollments, events, messages
-from engine.tick.quarantine import open_counts
+from engine.store.quarantine import open_counts
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Connection, Dialect, Select, select
 from sqlalchemy.sql.elements import Label
 
-from engine.store.models import UTCDateTime, enrollments, events, members
+from engine.store.models import UTCDateTime, enrollments, events, members, messages
 from engine.store.queries import chunked
 
 _ENROLLMENT_COLUMNS: tuple[tuple[str, Column[Any]], ...] = (
@@ -126,3 +126,12 @@ def _json(processor: Converter) -> Converter:
         return processor(value)
 
     return convert
+
+
+def load_queued_messages(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Claimed queued messages IDS, in id order, with what the rails need of their members (consent, address)."""
+    return [dict(r) for r in conn.execute(
+        select(messages, members.c.email_opt_in, members.c.sms_opt_in, members.c.email.label("m_email"),
+               members.c.phone.label("m_phone"))
+        .select_from(messages.join(members, members.c.id == messages.c.member_id))
+        .where(messages.c.id.in_(list(ids))).order_by(messages.c.id)).mappings()]

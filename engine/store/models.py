@@ -203,7 +203,7 @@ class Enrollment(Base):
     waiting_for: Mapped[str | None] = mapped_column(String(64))  # wait until_event: the event type awaited
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_until: Mapped[datetime | None]
-    # Runs of its due step that failed in a row (engine.tick.quarantine): 0 in the common case, so the runner knows
+    # Runs of its due step that failed in a row (engine.store.quarantine): 0 in the common case, so the runner knows
     # without a query which enrollments have a quarantine entry to settle when their step finally goes through.
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 

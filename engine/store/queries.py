@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ARRAY,
@@ -19,9 +19,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
-    delete,
     func,
-    literal,
     literal_column,
     or_,
     select,
@@ -34,10 +32,9 @@ from engine.store.models import (
     Base,
     EnrollmentStatus,
     MessageStatus,
-    UTCDateTime,
     enrollments,
     events,
-    handovers,
+    members,
     messages,
     programme_state,
     webhook_receipts,
@@ -45,13 +42,21 @@ from engine.store.models import (
 
 # Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
 # query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
-_ACTIVE: ColumnClause[str] = literal_column(f"'{EnrollmentStatus.ACTIVE.value}'")
-_QUEUED: ColumnClause[str] = literal_column(f"'{MessageStatus.QUEUED.value}'")
 
+
+# Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
+# query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
+_ACTIVE: ColumnClause[str] = literal_column(f"'{EnrollmentStatus.ACTIVE.value}'")
+
+
+_QUEUED: ColumnClause[str] = literal_column(f"'{MessageStatus.QUEUED.value}'")
 T = TypeVar("T")
+
 
 UNKNOWN_EXPLANATION = ("handed to the channel, but the engine stopped before the channel's answer was recorded; "
                        "not re-sent: reconciling with the channel (run.py reconcile)")
+
+
 REQUEUED_EXPLANATION = ("the engine stopped before handing this message to the channel; it was never attempted and "
                         "goes out at the next tick")
 
@@ -132,9 +137,6 @@ def claim_unhandled_events(conn: Connection, now: datetime, limit: int, *,
     return [int(i) for i in conn.execute(stmt).scalars()]
 
 
-# --------------------------------------------------------------------------- hand-overs and crash recovery
-
-
 def mark_events_handled(conn: Connection, ids: Sequence[int], now: datetime) -> None:
     conn.execute(update(events).where(events.c.id.in_(list(ids))).values(handled_at=now))
 
@@ -155,139 +157,17 @@ def claim_task(conn: Connection, task: str, now: datetime, every: timedelta) -> 
     return True, None if never else last
 
 
-# --------------------------------------------------------------------------- messages in doubt (reconciliation)
-
-_IN_DOUBT = (messages.c.id, messages.c.channel, messages.c.recipient, messages.c.body, messages.c.subject,
-            messages.c.created_at, messages.c.attempts, messages.c.error)
-
-
-def messages_in_doubt(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
-    """What reconciliation asks a channel about, for the messages IDS, in id order."""
-    return [dict(r) for r in conn.execute(select(*_IN_DOUBT).where(messages.c.id.in_(list(ids)))
-                                          .order_by(messages.c.id)).mappings()]
+def members_at_least(conn: Connection, count: int) -> bool:
+    """Whether there are at least COUNT members (counting no further)."""
+    found = conn.execute(select(func.count()).select_from(select(members.c.id).limit(count).subquery())).scalar_one()
+    return int(found) >= count
 
 
-def settle_in_doubt(conn: Connection, worker: str, now: datetime, *, sent: list[dict[str, Any]],
-                    again: list[dict[str, Any]], failed: list[dict[str, Any]], still_open: list[dict[str, Any]],
-                    sent_reason: str) -> None:
-    """Record what the channels said of unknown messages WORKER holds (rows keyed _id, with _error, _provider,
-    _at): SENT found (provider id and first sent_at kept), AGAIN queued now, FAILED given up, STILL_OPEN left
-    unknown with a new error and time to ask again. Each releases the claim."""
-    mine = (messages.c.id == bindparam("_id"), messages.c.status == MessageStatus.UNKNOWN.value,
-            messages.c.claimed_by == worker)
-    released = {"claimed_by": None, "claimed_until": None, "updated_at": now}
-    if sent:
-        conn.execute(update(messages).where(*mine).values(
-            status=MessageStatus.SENT.value, provider_id=func.coalesce(bindparam("_provider"), messages.c.provider_id),
-            sent_at=func.coalesce(messages.c.sent_at, literal(now, UTCDateTime())),
-            reason=sent_reason, error=bindparam("_error"), next_attempt_at=None, **released), sent)
-    if again:
-        conn.execute(update(messages).where(*mine).values(
-            status=MessageStatus.QUEUED.value, reason="retry", error=bindparam("_error"),
-            next_attempt_at=literal(now, UTCDateTime()), **released), again)
-    if failed:
-        conn.execute(update(messages).where(*mine).values(
-            status=MessageStatus.FAILED.value, error=bindparam("_error"), next_attempt_at=None, **released), failed)
-    if still_open:
-        conn.execute(update(messages).where(*mine).values(
-            error=bindparam("_error"), next_attempt_at=bindparam("_at", type_=UTCDateTime()),
-            **released), still_open)
-
-
-def set_handover(conn: Connection, worker: str, channel: str, first_id: int, last_id: int, position: str | None,
-                 now: datetime) -> None:
-    """WORKER is about to hand CHANNEL its `sending` rows with ids FIRST_ID..LAST_ID (engine.store.models.Handover).
-    Straight to the driver: it runs once per batch on the send path."""
-    w = BulkWriter(conn.dialect.name)
-    conn.exec_driver_sql(w._sql(
-        "INSERT INTO handovers (worker, channel, first_id, last_id, position, handed_at) VALUES ({marks}) "
-        "ON CONFLICT (worker) DO UPDATE SET channel = excluded.channel, first_id = excluded.first_id, "
-        "last_id = excluded.last_id, position = excluded.position, handed_at = excluded.handed_at",
-        ("worker", "channel", "first_id", "last_id", "position", "handed_at")),
-        (worker, channel, first_id, last_id, position, w.ts(now)))
-
-
-def clear_handover(conn: Connection, worker: str) -> None:
-    conn.exec_driver_sql(f"DELETE FROM handovers WHERE worker = {'?' if conn.dialect.name == 'sqlite' else '%s'}",
-                         (worker,))
-
-
-class Stranded(NamedTuple):
-    """A `sending` row whose worker is gone, and what its hand-over says about it."""
-
-    id: int
-    channel: str
-    worker: str
-    handed_at: datetime | None  # None: never handed to the channel
-    position: str | None
-
-
-def stranded_messages(conn: Connection, now: datetime, *, other_than: str | None = None,
-                      mine: str | None = None) -> list[Stranded]:
-    """`sending` rows whose claim has run out, or (OTHER_THAN: on SQLite, where this process holds the only
-    engine lock) that any other worker claimed, or (MINE: this worker, between deliveries) that a delivery of
-    this worker left behind when it failed; locked until the caller commits. Each is in doubt (within its
-    worker's hand-over) or was never handed over."""
-    stale = messages.c.claimed_until < now
-    if other_than is not None:
-        stale = or_(stale, messages.c.claimed_by.is_(None), messages.c.claimed_by != other_than)
-    if mine is not None:
-        stale = or_(stale, messages.c.claimed_by == mine)
-    rows = conn.execute(select(messages.c.id, messages.c.channel, messages.c.claimed_by)
-                        .where(messages.c.status == MessageStatus.SENDING.value, stale)
-                        .order_by(messages.c.id).with_for_update(skip_locked=True)).all()
-    if not rows:
-        return []
-    workers = sorted({str(r.claimed_by) for r in rows if r.claimed_by})
-    handed = {h.worker: h for h in conn.execute(select(handovers).where(handovers.c.worker.in_(workers)))}
-    out = []
-    for row in rows:
-        h = handed.get(str(row.claimed_by))
-        inside = h is not None and h.channel == row.channel and h.first_id <= row.id <= h.last_id
-        out.append(Stranded(int(row.id), str(row.channel), str(row.claimed_by or ""),
-                            h.handed_at if inside and h is not None else None,
-                            h.position if inside and h is not None else None))
-    return out
-
-
-def requeue_stranded(conn: Connection, ids: Sequence[int], now: datetime) -> None:
-    """Never handed to a channel: back to the queue, to go out once at the next delivery."""
-    for chunk in chunked(sorted(ids), conn.dialect.name):
-        conn.execute(update(messages).where(among(messages.c.id, chunk, conn.dialect.name),
-                                            messages.c.status == MessageStatus.SENDING.value)
-                     .values(status=MessageStatus.QUEUED.value, next_attempt_at=now, claimed_by=None,
-                             claimed_until=None, error=REQUEUED_EXPLANATION, updated_at=now))
-
-
-def mark_in_doubt(conn: Connection, rows: Sequence[tuple[int, datetime]], now: datetime) -> None:
-    """Handed over, answer never recorded: ``unknown``, to be reconciled from the given time on (never before a
-    request still in progress at the provider could have finished)."""
-    conn.execute(update(messages).where(messages.c.id == bindparam("_id"),
-                                        messages.c.status == MessageStatus.SENDING.value)
-                 .values(status=MessageStatus.UNKNOWN.value, error=UNKNOWN_EXPLANATION, claimed_by=None,
-                         claimed_until=None, next_attempt_at=bindparam("_at"), updated_at=now),
-                 [{"_id": i, "_at": at} for i, at in rows])
-
-
-def clear_handovers(conn: Connection, workers: Collection[str]) -> None:
-    if workers:
-        conn.execute(delete(handovers).where(handovers.c.worker.in_(sorted(workers))))
-
-
-def claim_unknown_messages(conn: Connection, worker: str, now: datetime, lease_until: datetime, limit: int, *,
-                           all_due: bool = False, after: int = 0) -> list[int]:
-    """Unknown messages due for reconciliation with ids above AFTER (ALL_DUE: also those waiting for a webhook or
-    an operator, as `run.py reconcile` asks), claimed for it; never one whose hand-over is too recent to look up."""
-    due = messages.c.next_attempt_at <= now
-    if all_due:
-        due = or_(due, messages.c.next_attempt_at.is_(None))
-    stmt = (select(messages.c.id)
-            .where(messages.c.status == MessageStatus.UNKNOWN.value, due, messages.c.id > after,
-                   or_(messages.c.claimed_until.is_(None), messages.c.claimed_until < now))
-            .order_by(messages.c.id).limit(limit).with_for_update(skip_locked=True))
-    claim = (update(messages).where(messages.c.id.in_(stmt.scalar_subquery()))
-             .values(claimed_by=worker, claimed_until=lease_until).returning(messages.c.id))
-    return sorted(int(i) for i in conn.execute(claim).scalars())
+def enrollment_place(conn: Connection, enrollment_id: int) -> tuple[str, int, str, str | None]:
+    """Where an enrollment is: (journey id, journey version, member id, step)."""
+    row = conn.execute(select(enrollments.c.journey_id, enrollments.c.journey_version, enrollments.c.member_id,
+                              enrollments.c.step).where(enrollments.c.id == enrollment_id)).one()
+    return str(row[0]), int(row[1]), str(row[2]), row[3]
 
 
 def extend_message_leases(conn: Connection, ids: list[int], worker: str, until: datetime) -> set[int]:
@@ -368,13 +248,6 @@ def release_foreign_claims(conn: Connection, worker: str) -> int:
 def release_enrollment_claims(conn: Connection, worker: str) -> None:
     conn.execute(update(enrollments).where(enrollments.c.claimed_by == worker)
                  .values(claimed_by=None, claimed_until=None))
-
-
-# --------------------------------------------------------------------------- bulk writes on the send path
-#
-# The three writes per message (log row, enrollment move, channel answer) dominate a large send. They go
-# straight to the DBAPI's executemany with values already in the database's form, skipping SQLAlchemy's
-# per-row parameter processing; everything else uses Core.
 
 
 def _all_same(values: list[object]) -> bool:

@@ -27,8 +27,8 @@ from engine.rules.versions import LiveJourney, VersionCache, VersionUnreadable
 from engine.store.computed import computed_columns
 from engine.store.loading import load_batch
 from engine.store.models import EnrollmentStatus, MessageStatus
+from engine.store.quarantine import Failure, Kind, is_systemic
 from engine.tick.context import ContextBuilder
-from engine.tick.quarantine import Failure, Kind, is_systemic
 from engine.tick.safety import Rails, Reason
 from engine.tick.steps import MAX_STEPS_PER_RUN, Transition, advance, apply_update
 
@@ -59,7 +59,7 @@ class Composed:
     #: the members of the composed enrollments
     members: set[str] = field(default_factory=set)
     #: enrollments whose step failed (a render error, bad data): nothing of theirs is written but the failure;
-    #: they stay where they were and are tried again later, then quarantined (engine.tick.quarantine)
+    #: they stay where they were and are tried again later, then quarantined (engine.store.quarantine)
     failures: list[Failure] = field(default_factory=list)
     #: enrollments that had failed before and went through this time: their quarantine entries are settled
     recovered: list[int] = field(default_factory=list)

@@ -25,18 +25,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine.config import Config
 from engine.domain import unsubscribe as unsub
+from engine.store import handovers as in_doubt
 from engine.store import queries
 from engine.store.database import Store
-from engine.store.models import MessageStatus, members, messages
+from engine.store.loading import load_queued_messages
+from engine.store.models import MessageStatus
+from engine.store.quarantine import Failure, Kind, is_systemic
+from engine.store.quarantine import record as record_failures
 from engine.store.rails import add_suppressions
 from engine.tick.composer import UNSUBSCRIBE_URL
-from engine.tick.quarantine import Failure, Kind, is_systemic
-from engine.tick.quarantine import record as record_failures
 from engine.tick.report import TickReport
 from engine.tick.safety import Rails, Reason, Verdict
 
@@ -138,7 +140,7 @@ class Delivery:
 
     def hand_over(self, conn: Connection, chunk: Chunk, now: datetime) -> None:
         """Record, in the caller's transaction, that CHUNK is about to be handed to its channel."""
-        queries.set_handover(conn, self.worker, chunk.channel, chunk.first_id, chunk.last_id,
+        in_doubt.set_handover(conn, self.worker, chunk.channel, chunk.first_id, chunk.last_id,
                              self.channel(chunk.channel).position(), now)
 
     # ------------------------------------------------------------------ delivering
@@ -164,7 +166,7 @@ class Delivery:
                 with self.store.begin() as conn:
                     queries.requeue_messages(conn, [r["id"] for c in [chunk, *chunks] for r in c.rows],
                                              self.worker, now)
-                    queries.clear_handover(conn, self.worker)
+                    in_doubt.clear_handover(conn, self.worker)
                 return
             channel = self.channel(chunk.channel)
             results = self._send(channel, [self._outgoing(r) for r in chunk.rows])
@@ -182,7 +184,7 @@ class Delivery:
                 if chunks:
                     self.hand_over(conn, chunks[0], clock)
                 else:
-                    queries.clear_handover(conn, self.worker)
+                    in_doubt.clear_handover(conn, self.worker)
 
     def _still_ours(self, conn: Connection, chunks: list[Chunk], lease_until: datetime) -> list[Chunk]:
         """Extend the claim on the rows still to go, and drop any whose claim ran out and that a reaper (of
@@ -283,11 +285,7 @@ class Delivery:
             if not ids:
                 return
             with self.store.connect() as conn:
-                rows = [dict(r) for r in conn.execute(
-                    select(messages, members.c.email_opt_in, members.c.sms_opt_in, members.c.email.label("m_email"),
-                           members.c.phone.label("m_phone"))
-                    .select_from(messages.join(members, members.c.id == messages.c.member_id))
-                    .where(messages.c.id.in_(ids)).order_by(messages.c.id)).mappings()]
+                rows = load_queued_messages(conn, ids)
                 rails = Rails(config)
                 rails.prepare(conn, [{"id": r["member_id"], "email": r["m_email"], "phone": r["m_phone"]}
                                      for r in rows], now)

@@ -38,8 +38,8 @@ from engine.store import enrollments as enrollment_rows
 from engine.store.database import insert_for
 from engine.store.enrollments import History
 from engine.store.models import EnrollmentStatus, UTCDateTime, enrollments, journey_state, members
+from engine.store.quarantine import is_systemic
 from engine.tick.parts import Parts
-from engine.tick.quarantine import is_systemic
 from engine.tick.report import TickReport
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from engine.store import queries
 from engine.store.computed import computed_columns
 from engine.store.enrollments import History
 from engine.store.models import EnrollmentStatus, enrollments, events, members
+from engine.store.quarantine import Failure, Kind, describe, is_systemic
+from engine.store.quarantine import record as record_failures
 from engine.tick.entry import ACTIVE, capped_per_day, eligible, new_enrollment
 from engine.tick.parts import Parts
-from engine.tick.quarantine import Failure, Kind, describe, is_systemic
-from engine.tick.quarantine import record as record_failures
 from engine.tick.report import TickReport
 
 log = logging.getLogger(__name__)

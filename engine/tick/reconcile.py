@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from channels.base import Channel, Found, InDoubt, Reconciled
+from engine.store import handovers as in_doubt
 from engine.store import queries
 from engine.store.database import Store
 
@@ -62,12 +63,12 @@ def recover(store: Store, channel: Callable[[str], Channel], worker: str, now: d
         # This worker's own `sending` rows too: recovery runs before any delivery of the tick, so any left are
         # from a delivery that failed (its answers could not be recorded), and its hand-over says which may
         # have reached the channel, before the next delivery records another.
-        stranded = queries.stranded_messages(conn, now, other_than=worker if exclusive else None, mine=worker)
+        stranded = in_doubt.stranded_messages(conn, now, other_than=worker if exclusive else None, mine=worker)
         if not stranded:
             return out
         never = [s.id for s in stranded if s.handed_at is None]
         doubt = [s for s in stranded if s.handed_at is not None]
-        queries.requeue_stranded(conn, never, now)
+        in_doubt.requeue_stranded(conn, never, now)
         marks = []
         for s in doubt:
             assert s.handed_at is not None
@@ -75,8 +76,8 @@ def recover(store: Store, channel: Callable[[str], Channel], worker: str, now: d
             marks.append((s.id, due))
             out.hints[s.id] = Hint(s.handed_at, s.position)
         if marks:
-            queries.mark_in_doubt(conn, marks, now)
-        queries.clear_handovers(conn, {s.worker for s in stranded if s.worker})
+            in_doubt.mark_in_doubt(conn, marks, now)
+        in_doubt.clear_handovers(conn, {s.worker for s in stranded if s.worker})
     out.requeued, out.in_doubt = len(never), len(doubt)
     log.warning("recovered %d message(s) left sending by a stopped worker or a failed delivery: %d never handed "
                 "to a channel (queued again), %d in doubt (unknown until reconciled)", len(stranded), out.requeued,
@@ -108,13 +109,13 @@ def reconcile(store: Store, channel: Callable[[str], Channel], worker: str, now:
     after = 0  # in id order, each row once per call: one the channel cannot settle stays unknown
     while True:
         with store.begin() as conn:
-            ids = queries.claim_unknown_messages(conn, worker, now, now + lease, BATCH, all_due=everything,
+            ids = in_doubt.claim_unknown_messages(conn, worker, now, now + lease, BATCH, all_due=everything,
                                                  after=after)
         if not ids:
             return report
         after = ids[-1]
         with store.connect() as conn:
-            rows = queries.messages_in_doubt(conn, ids)
+            rows = in_doubt.messages_in_doubt(conn, ids)
         by_channel: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_channel.setdefault(row["channel"], []).append(row)
@@ -166,7 +167,7 @@ def _apply(conn: Connection, worker: str, channel: str, rows: Sequence[dict[str,
             cause = (row["error"] or "in doubt").split(_SEPARATOR)[0]
             open_.append({"_id": row["id"], "_error": f"{cause}{_SEPARATOR}{answer.detail}", "_at": retry})
             report.reasons[answer.detail] += 1
-    queries.settle_in_doubt(conn, worker, now, sent=sent, again=again, failed=failed, still_open=open_,
+    in_doubt.settle_in_doubt(conn, worker, now, sent=sent, again=again, failed=failed, still_open=open_,
                             sent_reason=_SENT_NOTE)
     report.sent += len(sent)
     report.resent += len(again)

@@ -10,7 +10,7 @@ crash leaves ``unknown`` only the rows of the hand-over in progress; the others
 go back to the queue (engine.tick.reconcile) — never a second send.
 
 One enrollment whose step fails (a template that does not render, data that
-breaks a step) is set aside (engine.tick.quarantine) and the batch goes on; if the
+breaks a step) is set aside (engine.store.quarantine) and the batch goes on; if the
 batch's write itself fails because of one enrollment's data, the batch is
 written enrollment by enrollment and the one that fails is set aside.
 """
@@ -30,19 +30,19 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from engine.audit import chain as audit
 from engine.programme.updates import save_member_updates
 from engine.rules.versions import LiveJourney, VersionCache, computed_needed
+from engine.store import quarantine as faults
 from engine.store import queries
-from engine.store.models import EnrollmentStatus, MessageStatus, enrollments, members
-from engine.tick import quarantine as faults
+from engine.store.models import EnrollmentStatus, MessageStatus
+from engine.store.quarantine import Failure, Kind, is_systemic
 from engine.tick.composer import RENDERED_KEYS, Composed, Composer, Move
 from engine.tick.delivery import Delivery
 from engine.tick.parts import Parts
 from engine.tick.pipeline import ComposeWorker
-from engine.tick.quarantine import Failure, Kind, is_systemic
 from engine.tick.report import TickReport
 from engine.tick.safety import Reason
 
@@ -171,9 +171,8 @@ class Runner:
             return
         enough = self.app.config.scheduler.batch_size * EARLY_START_BATCHES
         with self.app.store.connect() as conn:
-            counted = conn.execute(select(func.count()).select_from(
-                select(members.c.id).limit(enough).subquery())).scalar_one()
-        if counted >= enough:
+            large = queries.members_at_least(conn, enough)
+        if large:
             worker = self._worker()
             if worker is not None:
                 worker.start()
@@ -348,9 +347,7 @@ class Runner:
                     raise
                 log.error("enrollment %s could not be written: %s", enrollment_id, faults.describe(exc))
                 with self.app.store.begin() as conn:
-                    where = conn.execute(select(enrollments.c.journey_id, enrollments.c.journey_version,
-                                                enrollments.c.member_id, enrollments.c.step)
-                                         .where(enrollments.c.id == enrollment_id)).one()
+                    where = queries.enrollment_place(conn, enrollment_id)
                     self._set_aside(conn, [Failure.of(exc, Kind.ENROLLMENT, enrollment_id, journey_id=where[0],
                                                       journey_version=where[1], member_id=where[2],
                                                       step=where[3])], now, report)
