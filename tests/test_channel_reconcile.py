@@ -68,6 +68,7 @@ def send_in_doubt(twilio: TwilioSMS, sandbox: TwilioSandbox, kind: str, message:
 # ---------------------------------------------------------------------- Twilio: send, lose the answer, look it up
 
 
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 @pytest.mark.parametrize("kind", ["slow", "lost"])
 def test_a_message_twilio_created_before_the_answer_was_lost_is_found(twilio: TwilioSMS, sandbox: TwilioSandbox,
                                                                       kind: str) -> None:
@@ -124,6 +125,7 @@ def test_two_identical_messages_in_doubt_and_one_accepted_give_exactly_one_sent(
     assert answers[1].retry_after is None
 
 
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 def test_a_sid_is_matched_to_one_message_only(twilio: TwilioSMS, sandbox: TwilioSandbox) -> None:
     first = send_in_doubt(twilio, sandbox, "lost", sms(7))
     second = send_in_doubt(twilio, sandbox, "slow", sms(8))
@@ -165,6 +167,7 @@ def test_paging_stops_once_it_reaches_back_past_the_hand_over(twilio: TwilioSMS,
     assert sandbox.attempts - before == 1  # the first page already reached back past the window
 
 
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 @pytest.mark.parametrize(("kind", "retry_after"), [("500", 300.0), ("429", 900.0), ("drop", 300.0),
                                                    ("slow", 300.0)])
 def test_a_look_up_that_fails_is_unknown_and_asked_again_later(twilio: TwilioSMS, sandbox: TwilioSandbox, kind: str,

@@ -4,6 +4,7 @@ against json.dumps, whole-number formatting against Babel, and the sandbox's dic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from datetime import UTC, datetime
@@ -146,7 +147,7 @@ def test_writes_go_on_beside_the_wal_checkpointer_which_stops_cleanly(tmp_path: 
                 conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "y" * 500} for _ in range(2000)])
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                with sqlite3.connect(tmp_path / "engine.db") as raw:
+                with contextlib.closing(sqlite3.connect(tmp_path / "engine.db")) as raw:
                     busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if busy == 0 and frames > 0 and copied == frames:
                     break
@@ -237,6 +238,7 @@ def test_a_log_row_whose_key_is_already_logged_is_not_appended_again(harness: Ha
     assert result.ok and result.rows == 1201
 
 
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 def test_an_outbox_shared_by_two_daemons_is_written_one_batch_at_a_time(tmp_path: Path) -> None:
     """While another process holds the outbox's lock (mid-batch), a batch waits for it instead of writing into
     the middle of the other's lines; once the lock is released its lines follow, whole."""

@@ -110,6 +110,7 @@ def test_rate_limits_and_server_errors_are_transient(channel: SendGridEmail, san
     # twice; UNCERTAIN waits for SendGrid's events (none will come for it) or an operator.
     ("drop", "RemoteDisconnected: Remote end closed connection without response", 0),
 ])
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 def test_no_answer_after_the_request_was_written_is_uncertain(sandbox: SendGridSandbox, kind: str, expected: str,
                                                               accepted: int) -> None:
     channel = build_channel("email", config(sandbox, timeout=0.5, concurrency=1))
@@ -194,6 +195,7 @@ def test_a_name_that_does_not_resolve_is_transient(sandbox: SendGridSandbox) -> 
     assert (result.error or "").startswith("sendgrid: connection to http://sendgrid-sandbox.invalid failed: ")
 
 
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 def test_a_connect_timeout_is_transient(sandbox: SendGridSandbox) -> None:
     """urllib wraps a timeout while connecting in URLError: nothing was written."""
     with unanswered_port() as url:

@@ -173,6 +173,7 @@ def test_rate_limits_and_server_errors_are_transient(channel: TwilioSMS, sandbox
     # UNCERTAIN, and the look-up answers ABSENT (tests/test_channel_reconcile.py): then it is sent again.
     ("drop", "RemoteDisconnected: Remote end closed connection without response", 0),
 ])
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 def test_no_answer_after_the_request_was_written_is_uncertain(sandbox: TwilioSandbox, kind: str, expected: str,
                                                               created: int) -> None:
     channel = build_channel("sms", config(sandbox, timeout=0.5, concurrency=1))
@@ -235,6 +236,7 @@ def test_a_name_that_does_not_resolve_is_transient(sandbox: TwilioSandbox) -> No
     assert "connection to http://twilio-sandbox.invalid failed" in (result.error or "")
 
 
+@pytest.mark.slow  # waits for real socket timeouts or a second process
 def test_a_connect_timeout_is_transient(sandbox: TwilioSandbox) -> None:
     """The connection is never made (a listener whose queue is full drops the SYN): nothing was written."""
     with unanswered_port() as url:
