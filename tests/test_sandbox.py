@@ -383,9 +383,16 @@ def test_the_printed_config_snippet_builds_working_adapters(tmp_path: Path) -> N
         sms_channel.close()
 
 
-def test_the_command_runs_until_ctrl_c_and_prints_the_config() -> None:
+def _ignoring_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+
+
+@pytest.mark.parametrize("started", ["in the foreground", "as a background job"])
+def test_the_command_runs_until_ctrl_c_and_prints_the_config(started: str) -> None:
     command = [sys.executable, "-m", "engine.testing.standins", "--twilio-port", "0", "--sendgrid-port", "0"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    setup = _ignoring_sigint if started == "as a background job" else None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=setup) as process:
         assert process.stdout is not None
         lines = []
         for line in process.stdout:
@@ -393,7 +400,10 @@ def test_the_command_runs_until_ctrl_c_and_prints_the_config() -> None:
             if "webhook_public_key" in line:
                 break
         process.send_signal(signal.SIGINT)
-        rest, errors = process.communicate(timeout=30)
+        try:
+            rest, errors = process.communicate(timeout=30)
+        finally:
+            process.kill()  # a failure here must not leave it running
     assert process.returncode == 0, errors
     printed = "".join(lines)
     assert "provider: twilio" in printed and "provider: sendgrid" in printed

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                     drop=args.drop, lost=args.lost, slow_seconds=args.slow_seconds)
     options: dict[str, Any] = {"faults": faults, "callback_url": args.callback_url,
                                "deliver_after": args.deliver_after if args.callback_url else None}
+    # Ctrl-C (or a SIGTERM) stops it even when it was started with SIGINT ignored, as a shell does for a
+    # background job: Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     twilio = TwilioSandbox(port=args.twilio_port, **options)
     sendgrid = SendGridSandbox(port=args.sendgrid_port, **options)
     with twilio, sendgrid:
