@@ -584,7 +584,7 @@ class Combination:
 
     def stranded(self, kill: Kill) -> None:
         """What the dead daemon left: its worker id, its `sending` rows, those inside its recorded hand-over
-        (engine.store.in_doubt.stranded_messages, asked as if every claim had run out; nothing else runs now), their
+        (engine.store.handovers.stranded_messages, asked as if every claim had run out; nothing else runs now), their
         channel, the hand-over itself and (providers) how many of them the stand-in got a request for."""
         with self.db_store.begin() as conn:
             rows = in_doubt.stranded_messages(conn, datetime.now(UTC) + timedelta(days=1))
