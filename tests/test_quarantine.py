@@ -117,9 +117,9 @@ def test_a_batch_write_that_fails_for_one_enrollment_is_written_one_by_one(h: Ha
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """When the batch's single transaction fails because of one enrollment's data (the database refuses a value),
     the others are still written and sent, and that one is set aside."""
-    from engine.tick import runner as runner_module
+    from engine.tick import writer as writer_module
 
-    real = runner_module.save_member_updates
+    real = writer_module.save_member_updates
     h.members(*(member(f"m{i}", 10) for i in range(4)))
 
     def refuse_m2(conn: Any, changed: Any, loyalty: Any, now: Any) -> None:  # the database refusing one row
@@ -130,7 +130,7 @@ def test_a_batch_write_that_fails_for_one_enrollment_is_written_one_by_one(h: Ha
     rules = Path(h.config.rules_path)
     (rules / "journeys" / "coupon.yaml").write_text(COUPON.replace(
         "steps:\n", "steps:\n  - id: bonus\n    update: {points: 100}\n"), encoding="utf-8")
-    monkeypatch.setattr(runner_module, "save_member_updates", refuse_m2)
+    monkeypatch.setattr(writer_module, "save_member_updates", refuse_m2)
     report = h.tick(NOON)
     assert sorted(m.member_id for m in h.sent()) == ["m0", "m1", "m3"]
     assert report.counts["retrying"] == 1

@@ -143,3 +143,9 @@ def change_event(change: Change, loyalty: Loyalty, at: datetime, cause: str) -> 
                            "cause": cause, "qualifying_spend": round(change.spend, 2),
                            "qualifying_orders": change.orders},
             "source": "engine", "recorded_at": at, "handled_at": None}
+
+
+def record_changes(conn: Connection, changes: Sequence[Change], loyalty: Loyalty, at: datetime, cause: str) -> None:
+    """A ``tier_changed`` event for each change, for the event phase to match."""
+    if changes:
+        conn.execute(events.insert(), [change_event(c, loyalty, at, cause) for c in changes])

@@ -272,33 +272,64 @@ def _passthrough(value: Any) -> Any:
 
 
 def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | None:
+    """One entry of ``tiers``: every problem in it reported, the tier only when there is none."""
     where = f"tiers[{index}]"
     mark = raw_tiers.item_mark(index) if hasattr(raw_tiers, "item_mark") else UNKNOWN
     if not isinstance(raw, dict):
         problems.add(mark, f"{where} must be a mapping with id, name and min_spend")
         return None
-    ok = True
+    before = len(problems.items)
+    _tier_keys(raw, where, problems)
+    tier_id = _tier_id(raw, where, mark, problems)
+    names = _tier_names(raw, where, mark, problems)
+    values = _tier_numbers(raw, where, mark, problems)
+    perks = raw.get("perks", {})
+    if not isinstance(perks, dict) or not all(isinstance(v, list) for v in perks.values()):
+        problems.add(_vmark(raw, "perks"), f"{where}.perks must map locales to lists, e.g. {{en: [Free shipping]}}")
+    requires = raw.get("requires", "all")
+    if requires not in ("all", "any"):
+        problems.add(_vmark(raw, "requires"), f"{where}.requires must be all (min_spend and min_orders) or any "
+                                              f"(either one), got: {requires!r}")
+    if len(problems.items) > before or tier_id is None or names is None or values is None:
+        return None
+    return Tier(tier_id, names, values["min_spend"], values["discount"], values["points_multiplier"],
+                {str(k): tuple(str(p) for p in v) for k, v in perks.items()}, int(values["min_orders"]), requires)
+
+
+def _tier_keys(raw: dict[str, Any], where: str, problems: Problems) -> None:
     for key in raw:
         if key not in _TIER_KEYS:
             problems.add(_kmark(raw, key), f"unknown key {key!r} in {where}{problems.suggest(key, _TIER_KEYS)}")
-            ok = False
+
+
+def _tier_id(raw: dict[str, Any], where: str, mark: Any, problems: Problems) -> str | None:
     tier_id = raw.get("id")
     if not isinstance(tier_id, str) or not TIER_ID.match(tier_id):
         problems.add(_vmark(raw, "id") if "id" in raw else mark,
                      f"{where}.id must use a-z, 0-9 and _, got: {shown(tier_id)}")
-        ok = False
-    elif len(tier_id) > MAX_TIER_ID:
+        return None
+    if len(tier_id) > MAX_TIER_ID:
         problems.add(_vmark(raw, "id"), f"{where}.id must be at most {MAX_TIER_ID} characters (the database holds "
                      f"no more), got: {len(tier_id):,} characters; shorten it")
-        ok = False
+        return None
+    return tier_id
+
+
+def _tier_names(raw: dict[str, Any], where: str, mark: Any, problems: Problems) -> dict[str, str] | None:
     names = raw.get("name")
     if isinstance(names, str):
         names = {"zh-CN": names}
     if not isinstance(names, dict) or not names or not all(isinstance(v, str) for v in names.values()):
         problems.add(_vmark(raw, "name") if "name" in raw else mark,
                      f"{where}.name must map locales to names, e.g. {{zh-CN: 金卡会员, en: Gold}}")
-        ok = False
+        return None
+    return dict(names)
+
+
+def _tier_numbers(raw: dict[str, Any], where: str, mark: Any, problems: Problems) -> dict[str, float] | None:
+    """min_spend, discount, points_multiplier and min_orders, each within its bounds (defaults filled in)."""
     values: dict[str, float] = {}
+    ok = True
     for key, default, low, high in (("min_spend", None, 0, None), ("discount", 1.0, 0.01, 1.0),
                                     ("points_multiplier", 1.0, 0, None), ("min_orders", 0, 0, None)):
         value = raw.get(key, default)
@@ -313,19 +344,7 @@ def _tier(raw: Any, index: int, raw_tiers: Any, problems: Problems) -> Tier | No
             ok = False
         else:
             values[key] = float(value)
-    perks = raw.get("perks", {})
-    if not isinstance(perks, dict) or not all(isinstance(v, list) for v in perks.values()):
-        problems.add(_vmark(raw, "perks"), f"{where}.perks must map locales to lists, e.g. {{en: [Free shipping]}}")
-        ok = False
-    requires = raw.get("requires", "all")
-    if requires not in ("all", "any"):
-        problems.add(_vmark(raw, "requires"), f"{where}.requires must be all (min_spend and min_orders) or any "
-                                              f"(either one), got: {requires!r}")
-        ok = False
-    if not ok or not isinstance(tier_id, str) or not isinstance(names, dict):
-        return None
-    return Tier(tier_id, dict(names), values["min_spend"], values["discount"], values["points_multiplier"],
-                {str(k): tuple(str(p) for p in v) for k, v in perks.items()}, int(values["min_orders"]), requires)
+    return values if ok else None
 
 
 def _check_order(tiers: list[Tier], raw_tiers: Any, problems: Problems) -> None:

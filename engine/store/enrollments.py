@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, time
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 
 from engine.domain.timeutil import zone
 from engine.store.database import insert_for
@@ -70,3 +70,29 @@ def open_by_member(conn: Connection, member_ids: list[str]) -> dict[str, list[di
                    or_(enrollments.c.status == ACTIVE, enrollments.c.converted_at.is_(None)))).mappings():
         by_member.setdefault(row["member_id"], []).append(dict(row))
     return by_member
+
+
+def convert(conn: Connection, conversions: dict[int, datetime]) -> None:
+    """Record when each enrollment (by id) reached its goal."""
+    if conversions:
+        conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"))
+                     .values(converted_at=bindparam("_at")),
+                     [{"_id": k, "_at": v} for k, v in conversions.items()])
+
+
+def resume(conn: Connection, steps: dict[int, str | None], now: datetime) -> None:
+    """Active enrollments (by id) waiting for an event go on at the given step, due now."""
+    # An empty parameter list here once made every tick fail with "A value is required for bind parameter".
+    if steps:
+        conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
+                     .values(step=bindparam("_step"), waiting_for=None, next_run_at=now),
+                     [{"_id": k, "_step": v} for k, v in steps.items()])
+
+
+def exit_with_reasons(conn: Connection, reasons: dict[int, str], now: datetime) -> None:
+    """Active enrollments (by id) leave their journey, each with its reason."""
+    if reasons:
+        conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
+                     .values(status=EnrollmentStatus.EXITED.value, ended_at=now, exit_reason=bindparam("_why"),
+                             next_run_at=None),
+                     [{"_id": k, "_why": v} for k, v in reasons.items()])

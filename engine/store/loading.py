@@ -135,3 +135,21 @@ def load_queued_messages(conn: Connection, ids: Sequence[int]) -> list[dict[str,
                members.c.phone.label("m_phone"))
         .select_from(messages.join(members, members.c.id == messages.c.member_id))
         .where(messages.c.id.in_(list(ids))).order_by(messages.c.id)).mappings()]
+
+
+def load_events(conn: Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Events IDS in the order they happened (then by id), as dicts."""
+    return [dict(r) for r in conn.execute(select(events).where(events.c.id.in_(list(ids)))
+                                          .order_by(events.c.occurred_at, events.c.id)).mappings()]
+
+
+def event_member(conn: Connection, event_id: int) -> str | None:
+    """The member an event belongs to (None when there is no such event)."""
+    return conn.execute(select(events.c.member_id).where(events.c.id == event_id)).scalar()
+
+
+def load_members(conn: Connection, member_ids: Sequence[str], extra: Sequence[Label[Any]]) -> dict[str, dict[str, Any]]:
+    """The members of MEMBER_IDS that are not forgotten, by id: their columns and EXTRA."""
+    return {r["id"]: dict(r) for r in conn.execute(
+        select(members, *extra).where(members.c.id.in_(list(member_ids)), members.c.forgotten_at.is_(None)))
+        .mappings()}

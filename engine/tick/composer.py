@@ -12,7 +12,7 @@ import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
@@ -41,7 +41,20 @@ RENDERED_KEYS = ("locale", "subject", "body", "html", "segments", "encoding", "c
 #: a message row may carry this key beside its columns: the unsubscribe link its headers need at delivery
 UNSUBSCRIBE_URL = "unsubscribe_url"
 
-Move = tuple[int, str | None, str, datetime | None, datetime | None, str | None, str | None, str | None]
+
+class Move(NamedTuple):
+    """Where one enrollment goes after a batch: written to its row by the runner."""
+
+    enrollment_id: int
+    step: str | None
+    status: str
+    next_run_at: datetime | None
+    ended_at: datetime | None
+    exit_reason: str | None
+    variant: str | None
+    waiting_for: str | None
+
+
 #: (row, the member as updated, journey, ids of the update steps) for every member an update step changed
 Changed = tuple[dict[str, Any], dict[str, Any], LiveJourney, list[str]]
 
@@ -50,7 +63,6 @@ Changed = tuple[dict[str, Any], dict[str, Any], LiveJourney, list[str]]
 class Composed:
     """One batch, composed: what the runner writes (in one transaction) and then delivers."""
 
-    #: per enrollment: (enrollment id, step, status, next_run_at, ended_at, exit_reason, variant, waiting_for)
     moves: list[Move] = field(default_factory=list)
     outgoing: list[dict[str, Any]] = field(default_factory=list)
     changed: list[Changed] = field(default_factory=list)
@@ -142,8 +154,8 @@ class Composer:
         for row in rows:
             live = journeys[(row["journey_id"], row["journey_version"])]
             if live is None:
-                out.moves.append((row["enrollment_id"], None, EnrollmentStatus.EXITED.value, None, now,
-                                  "journey version missing", None, None))
+                out.moves.append(Move(row["enrollment_id"], None, EnrollmentStatus.EXITED.value, None, now,
+                                      "journey version missing", None, None))
                 continue
             try:
                 self._compose_one(live, row, now, rails, contexts, lease_until, out)
@@ -165,8 +177,8 @@ class Composer:
         """One enrollment's walk and messages, added to OUT only once all of it is made."""
         event = row.get("event_properties") or {}
         t = self._advance(live, row, now, event)
-        move: Move = (t.enrollment_id, t.step, t.status, t.next_run_at, t.ended_at, t.exit_reason, t.variant,
-                      t.waiting_for)
+        move = Move(t.enrollment_id, t.step, t.status, t.next_run_at, t.ended_at, t.exit_reason, t.variant,
+                    t.waiting_for)
         changed: Changed | None = None
         if t.updates:
             person = dict(row, variant=t.variant)

@@ -116,7 +116,7 @@ class Delivery:
         self.channel, self.link = channel, link
         self._new_suppressions: list[tuple[str, str, str]] = []
         # (channel, address) listed from channel answers since the runner last looked: a batch composed beside
-        # that delivery could not see them yet (Runner._recheck_listed).
+        # that delivery could not see them yet (BatchWriter._recheck_listed).
         self.listed: set[tuple[str, str]] = set()
 
     @property

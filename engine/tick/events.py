@@ -11,21 +11,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    bindparam,
-    select,
-    update,
-)
+from sqlalchemy import Connection
 
 from engine.matching.events import Matcher, MatcherCache
 from engine.rules.journey import EventTrigger
 from engine.rules.versions import LiveJourney, VersionUnreadable, computed_needed
 from engine.store import enrollments as enrollment_rows
-from engine.store import queries
+from engine.store import loading, queries
 from engine.store.computed import computed_columns
 from engine.store.enrollments import History
-from engine.store.models import EnrollmentStatus, enrollments, events, members
 from engine.store.quarantine import Failure, Kind, describe, is_systemic
 from engine.store.quarantine import record as record_failures
 from engine.tick.entry import ACTIVE, capped_per_day, eligible, new_enrollment
@@ -125,7 +119,7 @@ class EventPhase:
             if is_systemic(exc):
                 raise
             with self.app.store.begin() as conn:
-                member = conn.execute(select(events.c.member_id).where(events.c.id == event_id)).scalar()
+                member = loading.event_member(conn, event_id)
                 queries.mark_events_handled(conn, [event_id], now)
                 self._quarantine_events(conn, [Failure.of(exc, Kind.EVENT, event_id, member_id=member)], now,
                                         report)
@@ -145,9 +139,7 @@ class EventPhase:
     def _match(self, conn: Connection, ids: list[int], now: datetime, running: list[LiveJourney],
                report: TickReport) -> list[Failure]:
         """Match the events IDS in time order and write their effects; the events whose matching failed."""
-        batch = [dict(r) for r in conn.execute(select(events).where(events.c.id.in_(ids))
-                                               .order_by(events.c.occurred_at, events.c.id))
-                 .mappings()]
+        batch = loading.load_events(conn, ids)
         member_ids = list({e["member_id"] for e in batch})
         people = self._people(conn, member_ids, now)
         by_member = enrollment_rows.open_by_member(conn, member_ids)
@@ -180,8 +172,7 @@ class EventPhase:
     def _people(self, conn: Connection, member_ids: list[str], now: datetime) -> dict[str, dict[str, Any]]:
         """The members (not forgotten) with the computed attributes the live journeys' conditions read."""
         extra = computed_columns(computed_needed(self.app.versions.all_live()), now, self.app.store.dialect)
-        return {r["id"]: dict(r) for r in conn.execute(
-            select(members, *extra).where(members.c.id.in_(member_ids), members.c.forgotten_at.is_(None))).mappings()}
+        return loading.load_members(conn, member_ids, extra)
 
     def _versions(self, conn: Connection, keys: set[tuple[str, int]],
                   report: TickReport) -> dict[tuple[str, int], LiveJourney]:
@@ -237,24 +228,13 @@ class EventPhase:
         return effects
 
     def _write_effects(self, conn: Connection, state: _Matching, now: datetime, report: TickReport) -> None:
-        exits, conversions, resumes = state.exits, state.conversions, state.resumes
-        if conversions:
-            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"))
-                         .values(converted_at=bindparam("_at")),
-                         [{"_id": k, "_at": v} for k, v in conversions.items()])
-            report.add("converted", len(conversions))
-        # A member whose event both ends a wait and exits the journey leaves it: no resume to write for them. (An
-        # empty parameter list here once made every tick fail with "A value is required for bind parameter".)
-        resumed = [{"_id": k, "_step": v} for k, v in resumes.items() if k not in exits]
-        if resumed:
-            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
-                         .values(step=bindparam("_step"), waiting_for=None, next_run_at=now), resumed)
-        if exits:
-            conn.execute(update(enrollments).where(enrollments.c.id == bindparam("_id"), enrollments.c.status == ACTIVE)
-                         .values(status=EnrollmentStatus.EXITED.value, ended_at=now, exit_reason=bindparam("_why"),
-                                 next_run_at=None),
-                         [{"_id": k, "_why": v} for k, v in exits.items()])
-            report.add("exited", len(exits))
+        exits = state.exits
+        enrollment_rows.convert(conn, state.conversions)
+        report.add("converted", len(state.conversions))
+        # A member whose event both ends a wait and exits the journey leaves it: no resume to write for them.
+        enrollment_rows.resume(conn, {k: v for k, v in state.resumes.items() if k not in exits}, now)
+        enrollment_rows.exit_with_reasons(conn, exits, now)
+        report.add("exited", len(exits))
         if state.new_rows:
             report.add("enrolled", enrollment_rows.insert_skipping_duplicates(conn, self.app.store.dialect,
                                                                               state.new_rows))

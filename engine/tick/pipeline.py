@@ -16,7 +16,7 @@ What stays the same:
   one batch at a time: the worker leaves out (defers) enrollments whose member is in a batch the runner has
   not written yet, so frequency caps and member updates see that batch's rows; the runner puts the deferred
   enrollments (still claimed) into a later batch. Suppressions that the batch before added from its channel
-  answers are applied by the runner before it writes (``Runner._recheck_listed``).
+  answers are applied by the runner before it writes (``BatchWriter._recheck_listed``).
 
 The worker is started with ``spawn`` (no threads or connections are inherited), once per App, on the first
 send large enough to use it, or at the start of a tick on a large database (``Runner.start_worker_early``),

@@ -21,7 +21,6 @@ from engine.rules.loyalty import Loyalty
 from engine.rules.rulebook import Rulebook
 from engine.store import queries
 from engine.store.database import Store
-from engine.store.models import events
 from engine.tick.report import TickReport
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class ProgrammePhase:
             with self.store.begin() as conn:
                 reviewed, changes = tiers.review_due(conn, loyalty, now)
                 if changes:
-                    conn.execute(events.insert(), [tiers.change_event(c, loyalty, now, "review") for c in changes])
+                    tiers.record_changes(conn, changes, loyalty, now, "review")
                     intelligence.refresh(conn, loyalty, now, [c.member_id for c in changes])
             report.add("reviewed", reviewed)
             report.add("tier_down", sum(1 for c in changes if loyalty.rank(c.new) < loyalty.rank(c.old)))

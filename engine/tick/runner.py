@@ -2,17 +2,13 @@
 
 Per batch: claim due enrollments (lease), walk each one's steps until it waits
 or ends (``engine.tick.composer``; for a large send a second process composes the
-next batch meanwhile, ``engine.tick.pipeline``), then in ONE transaction append the
-message rows (the at-most-once key is written here, before any channel is
-called), move the enrollments on and record the first hand-over; then
-``engine.tick.delivery`` hands the messages to their channels chunk by chunk. A
+next batch meanwhile, ``engine.tick.pipeline``), then write the batch in ONE
+transaction and deliver it (``engine.tick.writer``, ``engine.tick.delivery``). A
 crash leaves ``unknown`` only the rows of the hand-over in progress; the others
 go back to the queue (engine.tick.reconcile) — never a second send.
 
 One enrollment whose step fails (a template that does not render, data that
-breaks a step) is set aside (engine.store.quarantine) and the batch goes on; if the
-batch's write itself fails because of one enrollment's data, the batch is
-written enrollment by enrollment and the one that fails is set aside.
+breaks a step) is set aside (engine.store.quarantine) and the batch goes on.
 """
 
 from __future__ import annotations
@@ -28,31 +24,21 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Connection
-
-from engine.audit import chain as audit
-from engine.programme.updates import save_member_updates
 from engine.rules.versions import LiveJourney, VersionCache, computed_needed
-from engine.store import quarantine as faults
 from engine.store import queries
-from engine.store.models import EnrollmentStatus, MessageStatus
-from engine.store.quarantine import Failure, Kind, is_systemic
-from engine.tick.composer import RENDERED_KEYS, Composed, Composer, Move
+from engine.tick.composer import Composed, Composer
 from engine.tick.delivery import Delivery
 from engine.tick.parts import Parts
 from engine.tick.pipeline import ComposeWorker
 from engine.tick.report import TickReport
-from engine.tick.safety import Reason
+from engine.tick.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2  # batches handed to the compose worker at once
 #: a tick on a database with at least this many batches' worth of members starts the compose worker first thing
 EARLY_START_BATCHES = 10
-_TRANSITION_COLUMNS = ("step", "status", "next_run_at", "ended_at", "exit_reason", "variant", "waiting_for",
-                       "claimed_by", "claimed_until", "failures")
 
 
 _relaxed = 0  # run_due calls inside fewer_collections() in this process (threads may overlap)
@@ -102,6 +88,7 @@ class Runner:
         self._live: dict[str, LiveJourney] = {}
         self.delivery = Delivery(app.store, app.config, worker, app.channel,
                                  lambda member_id, channel: self.composer.unsubscribe_link(member_id, channel))
+        self.writer = BatchWriter(app.store, self.delivery, lambda: app.rules().loyalty)
 
     @property
     def composer(self) -> Composer:
@@ -191,7 +178,7 @@ class Runner:
         """One batch in this process: load and compose it, then write and deliver it."""
         with self.app.store.connect() as conn:
             composed = self.composer.load_and_compose(conn, self.cache, ids, now, self.app.rules().loyalty, computed)
-        self._write_and_deliver(composed, now, report, stop)
+        self.writer.write_and_deliver(composed, now, report, stop)
 
     def _run_pipelined(self, worker: ComposeWorker, ids: list[int], claim: Callable[[], list[int]],
                        now: datetime, computed: list[str], report: TickReport,
@@ -220,13 +207,13 @@ class Runner:
                     number, future = worker.submit(batch, now, written)
                 except BrokenProcessPool as exc:
                     if ready is not None:  # composed before the worker died: written as any other
-                        self._write_and_deliver(ready[1], now, report, stop, recheck=True)
+                        self.writer.write_and_deliver(ready[1], now, report, stop, recheck=True)
                     return self._worker_failed(exc, [*held(), *batch])
                 in_flight.append((number, future, batch))
                 if len(in_flight) < PIPELINE_DEPTH:
                     pending = claim()
             if ready is not None:
-                self._write_and_deliver(ready[1], now, report, stop, recheck=True)
+                self.writer.write_and_deliver(ready[1], now, report, stop, recheck=True)
                 written, ready = ready[0], None
             if stop():
                 for _, future, _ in in_flight:
@@ -272,121 +259,6 @@ class Runner:
         if ids:
             with self.app.store.begin() as conn:
                 queries.release_enrollments(conn, ids, self.worker)
-
-    def _write_and_deliver(self, composed: Composed, now: datetime, report: TickReport, stop: Callable[[], bool],
-                           recheck: bool = False) -> None:
-        """Write a composed batch in ONE transaction (message rows with their at-most-once keys, enrollment
-        moves, member updates, the steps that failed, the first hand-over), then deliver its messages."""
-        if recheck:
-            self._recheck_listed(composed.outgoing)
-        self.delivery.listed = set()
-        handed = True
-        try:
-            with self.app.store.begin() as conn:
-                inserted = self._write(conn, composed, now, report)
-                chunks = self.delivery.plan([r for r in inserted if r["status"] == MessageStatus.SENDING.value])
-                if chunks:
-                    self.delivery.hand_over(conn, chunks[0], now)
-            moves = composed.moves
-        except Exception as exc:
-            if is_systemic(exc):
-                raise
-            log.warning("writing a batch of %d enrollments failed (%s); writing them one by one",
-                        len(composed.moves) + len(composed.failures), faults.describe(exc))
-            inserted, moves = self._write_each(composed, now, report)
-            chunks = self.delivery.plan([r for r in inserted if r["status"] == MessageStatus.SENDING.value])
-            handed = False
-        completed, exited = EnrollmentStatus.COMPLETED.value, EnrollmentStatus.EXITED.value
-        for move in moves:
-            if move[2] == completed:
-                report.add("completed")
-            elif move[2] == exited:
-                report.add("exited")
-        sending = MessageStatus.SENDING.value
-        for row in inserted:
-            if row["status"] != sending:
-                report.add(row["status"])
-        self.delivery.deliver(chunks, now, report, stop, handed=handed)
-
-    def _write(self, conn: Connection, composed: Composed, now: datetime, report: TickReport) -> list[dict[str, Any]]:
-        inserted = audit.append(conn, self.app.store.dialect, composed.outgoing)
-        self._save_transitions(conn, composed.moves)
-        if composed.changed:
-            save_member_updates(conn, composed.changed, self.app.rules().loyalty, now)
-        if composed.failures:
-            self._set_aside(conn, composed.failures, now, report)
-        if composed.recovered:
-            faults.settle(conn, Kind.ENROLLMENT, composed.recovered, now)
-        return inserted
-
-    def _write_each(self, composed: Composed, now: datetime,
-                    report: TickReport) -> tuple[list[dict[str, Any]], list[Move]]:
-        """The batch enrollment by enrollment, each in its own transaction; one whose write fails is set aside.
-        Returns the rows inserted and the moves written."""
-        inserted: list[dict[str, Any]] = []
-        written: list[Move] = []
-        if composed.failures:
-            with self.app.store.begin() as conn:
-                self._set_aside(conn, composed.failures, now, report)
-        rows: dict[int, list[dict[str, Any]]] = {}
-        for row in composed.outgoing:
-            rows.setdefault(row["enrollment_id"], []).append(row)
-        changed = {c[0]["enrollment_id"]: c for c in composed.changed}
-        recovered = set(composed.recovered)
-        for move in composed.moves:
-            enrollment_id = move[0]
-            part = Composed(moves=[move], outgoing=rows.get(enrollment_id, []),
-                            changed=[changed[enrollment_id]] if enrollment_id in changed else [],
-                            recovered=[enrollment_id] if enrollment_id in recovered else [])
-            try:
-                with self.app.store.begin() as conn:
-                    inserted += self._write(conn, part, now, report)
-                written.append(move)
-            except Exception as exc:
-                if is_systemic(exc):
-                    raise
-                log.error("enrollment %s could not be written: %s", enrollment_id, faults.describe(exc))
-                with self.app.store.begin() as conn:
-                    where = queries.enrollment_place(conn, enrollment_id)
-                    self._set_aside(conn, [Failure.of(exc, Kind.ENROLLMENT, enrollment_id, journey_id=where[0],
-                                                      journey_version=where[1], member_id=where[2],
-                                                      step=where[3])], now, report)
-        return inserted, written
-
-    def _set_aside(self, conn: Connection, failures: Sequence[Failure], now: datetime, report: TickReport) -> None:
-        """Enrollments whose step failed stay at that step: tried again at a later tick, or quarantined."""
-        recorded = faults.record(conn, failures, now)
-        w = queries.BulkWriter(self.app.store.dialect)
-        w.update_by_id(conn, "enrollments", ("next_run_at", "failures", "claimed_by", "claimed_until"), [
-            (w.ts(r.next_attempt_at), r.attempts, None, None, int(r.failure.ref)) for r in recorded])
-        for r in recorded:
-            report.add("quarantined" if r.quarantined else "retrying")
-            report.problems.append(f"journey {r.failure.journey_id} step {r.failure.step}, member "
-                                   f"{r.failure.member_id}: {r.failure.error}"
-                                   + (" (quarantined: run.py retry after a fix)" if r.quarantined else
-                                      f" (tried again at {r.next_attempt_at:%Y-%m-%d %H:%M} UTC)"))
-
-    def _recheck_listed(self, rows: list[dict[str, Any]]) -> None:
-        """Suppress messages to addresses that channel answers put on the suppression list while this batch was
-        being composed, as the rails would have had they seen the list then."""
-        if not self.delivery.listed:
-            return
-        going = (MessageStatus.SENDING.value, MessageStatus.QUEUED.value)
-        for row in rows:
-            channel = row["channel"]
-            if row["status"] in going and (channel, row["recipient"]) in self.delivery.listed:
-                for key in RENDERED_KEYS:
-                    row[key] = None
-                row.update(status=MessageStatus.SUPPRESSED.value, reason=Reason.SUPPRESSED_ADDRESS,
-                           error=f"{channel} address is on the suppression list", next_attempt_at=None)
-                row["content_hash"] = audit.content_hash(row)
-
-    def _save_transitions(self, conn: Connection, moves: Sequence[Move]) -> None:
-        w = queries.BulkWriter(self.app.store.dialect)
-        w.update_by_id(conn, "enrollments", _TRANSITION_COLUMNS, [
-            (step, status, w.ts(next_run_at), w.ts(ended_at), exit_reason, variant, waiting_for, None, None, 0,
-             enrollment_id)
-            for enrollment_id, step, status, next_run_at, ended_at, exit_reason, variant, waiting_for in moves])
 
     # ------------------------------------------------------------------ queued messages (deferred, retries)
 
