@@ -118,5 +118,10 @@ class Channel(abc.ABC):
         return [Reconciled(Found.UNKNOWN, detail=f"{self.provider or 'this channel'} cannot look messages up; "
                            "only a delivery callback or an operator can settle it") for _ in messages]
 
+    def forget(self, member_id: str) -> int:
+        """Erase the copies of MEMBER_ID's messages this channel itself keeps (a local file); how many it erased.
+        Providers keep their own copies under their own retention (Twilio, SendGrid): nothing to do here."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources; called once when the engine stops."""

@@ -147,8 +147,59 @@ class OutboxChannel(Channel):
                     f"no whole line with id {message.id} in outbox {self.path} from byte {start}")))
         return answers
 
+    def forget(self, member_id: str) -> int:
+        """Blank the address, subject, text, html and headers of MEMBER_ID's lines, in place and under the file's
+        lock. Each line keeps its length (padded with spaces, which JSON allows), so the byte positions recorded
+        for reconciliation stay true and no line moves."""
+        needle = b'"member_id": ' + encode_basestring(member_id).encode()
+        erased = 0
+        try:
+            file = self.path.open("r+b")
+        except FileNotFoundError:
+            return 0
+        with file:
+            descriptor = file.fileno()
+            _lock(descriptor, exclusive=True)
+            try:
+                offset = 0
+                for line in file:
+                    if needle in line and line.endswith(b"\n"):
+                        blank = _blanked(line, member_id)
+                        if blank is not None:
+                            os.pwrite(descriptor, blank, offset)
+                            erased += 1
+                    offset += len(line)
+                os.fsync(descriptor)
+            finally:
+                _lock(descriptor, exclusive=False)
+        return erased
+
     def close(self) -> None:
         self._handle.close()
+
+
+_ERASED = ("to", "subject", "text", "html")
+
+
+def _blanked(line: bytes, member_id: str) -> bytes | None:
+    """LINE (one whole outbox line, with its newline) with the member's data erased, padded to the same length;
+    None when it is not that member's, not valid or already erased."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("member_id") != member_id or record.get("redacted"):
+        return None
+    for key in _ERASED:
+        if record.get(key) is not None:
+            record[key] = ""
+    record["headers"] = {}
+    record["redacted"] = True
+    text = _JSON.encode(record).encode()
+    if len(text) > len(line) - 1:  # a line too short for the marker: erased all the same
+        del record["redacted"]
+        text = _JSON.encode(record).encode()
+    return text + b" " * (len(line) - 1 - len(text)) + b"\n"
 
 
 def _offset(position: str | None) -> int:

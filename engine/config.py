@@ -122,6 +122,10 @@ class WebConfig(_Strict):
     public_url: str = "http://127.0.0.1:8080"
     api_token: str | None = None
     webhook_max_age: int = Field(300, gt=0, description="seconds a signed webhook stays acceptable (replays)")
+    read_timeout: float = Field(10, gt=0, le=300, description="seconds a client has to send its whole request")
+    keepalive_timeout: int = Field(5, ge=1, le=300, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1000, ge=1, le=100_000,
+                                 description="open connections beyond which new ones are answered 503")
 
     @field_validator("listen")
     @classmethod

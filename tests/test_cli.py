@@ -136,6 +136,33 @@ def test_forgetting_a_member_erases_personal_data_and_the_chain_still_verifies(p
     assert "wang@example.com" not in cli(project, "member", "show", "c1").output
 
 
+def test_forgetting_a_member_erases_their_lines_in_the_outbox_and_keeps_every_position(project: Path) -> None:
+    """The outbox is a copy of every message: the member's address and text go from it too, the other members'
+    lines stay byte for byte, and no line moves (reconciliation reads the file by byte position)."""
+    cli(project, "import", "members", str(project / "members.csv"))
+    (project / "more.csv").write_text(MEMBERS.splitlines()[0] + "\nc4,Ann,ann@example.com,,Asia/Shanghai,en,"
+                                      "900,2025-12-01T00:00:00Z,true,false\n", encoding="utf-8")
+    cli(project, "import", "members", str(project / "more.csv"))
+    cli(project, "tick", "--now", "2026-03-02T12:00:00+08:00")
+    outbox = project / "var" / "outbox" / "email.jsonl"
+    before = outbox.read_bytes()
+    assert b"wang@example.com" in before and b"ann@example.com" in before
+    result = cli(project, "member", "forget", "c1", "--yes")
+    assert result.exit_code == 0 and "1 outbox lines erased" in result.output, result.output
+    after = outbox.read_bytes()
+    assert len(after) == len(before) and b"wang@example.com" not in after and "王芳".encode() not in after
+    old_lines, new_lines = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    for old, new in zip(old_lines, new_lines, strict=True):
+        assert len(old) == len(new)
+        record = json.loads(new)
+        if record["member_id"] == "c1":
+            assert (record["to"], record["text"], record["redacted"]) == ("", "", True)
+        else:
+            assert old == new
+    again = cli(project, "member", "forget", "c1", "--yes")
+    assert "0 outbox lines erased" in again.output and outbox.read_bytes() == after
+
+
 @pytest.mark.slow
 def test_serve_ticks_on_its_interval_and_stops_gracefully_on_sigterm(project: Path) -> None:
     config = project / "config.yaml"

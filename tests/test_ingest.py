@@ -323,3 +323,18 @@ def test_a_time_zone_that_names_a_folder_of_the_zone_database_is_a_bad_row_not_a
     assert sorted(why) == [2, 3, 4]
     assert "timezone" in why[2] and "'America'" in why[2]
     assert "timezone" in why[3] and "'Etc'" in why[3]
+
+
+def test_a_name_with_a_line_break_is_refused_and_never_reaches_a_header(harness: Harness, tmp_path: Path) -> None:
+    """``Evil\\r\\nBcc: victim@example.com`` as a name would start a header of its own in an email: the row is
+    refused naming the field and the character; the good row beside it loads."""
+    path = jsonl(tmp_path / "members.jsonl",
+                 {**GOOD, "id": "evil", "name": "Evil\r\nBcc: victim@example.com"},
+                 {**GOOD, "id": "tab", "name": "Tab\there"},
+                 GOOD)
+    report = load_members(harness, path)
+    assert report.loaded == 1
+    assert reasons(report)[1] == ("name must not contain line breaks or other control characters, found '\\r' at "
+                                  "character 5")
+    assert "'\\t' at character 4" in reasons(report)[2]
+    assert set(stored(harness)) == {"m1"}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from engine.store import quarantine
+from engine.store.models import members
 from engine.testing import REPO, Harness
 
 BIRTHDAY_TICK = "2026-05-20T10:01:00+08:00"
@@ -155,3 +156,16 @@ def test_markup_in_a_members_name_is_escaped_in_html_email(harness: Harness) -> 
         assert "&lt;b&gt;Amy&lt;/b&gt; &amp; co" in (message.html or "")
         assert "<b>Amy</b>" not in (message.html or "")
         assert "<b>Amy</b> & co" in message.text  # the plain text part is plain
+
+
+def test_a_line_break_in_data_never_makes_a_second_header_line_in_a_subject(harness: Harness) -> None:
+    """Imports refuse control characters in names, but a custom attribute or an event property can still carry
+    them into a subject: the rendered subject is one line."""
+    harness.members(member("amy", "Amy", locale="en"))
+    with harness.app.store.begin() as conn:
+        conn.execute(members.update().where(members.c.id == "amy").values(name="Amy\r\nBcc: victim@example.com"))
+    harness.event("amy", "signup", "2026-05-20T10:00:00+08:00")
+    harness.tick("2026-05-20T10:05:00+08:00")
+    [welcome] = [m for m in harness.sent("email") if m.step == "welcome_email"]
+    assert welcome.subject is not None and "\r" not in welcome.subject and "\n" not in welcome.subject
+    assert "Amy Bcc: victim@example.com" in welcome.subject

@@ -280,6 +280,20 @@ def test_start_after_stop_opts_back_in(service: tuple[Harness, TestClient, Clock
     assert suppressed(harness) == set()
 
 
+def test_a_stop_replayed_after_the_receipts_are_pruned_is_still_a_replay(
+        service: tuple[Harness, TestClient, Clock]) -> None:
+    """Twilio signs inbound messages without a time: a genuine STOP captured and sent again months later, after
+    the member opted back in, must not opt them out again. Its receipt outlives the daily prune."""
+    harness, client, clock = service
+    inbound(client, "STOP", sid="SMold")
+    inbound(client, "START", sid="SMnew")
+    clock.now += timedelta(days=90)
+    harness.tick(clock.now)  # prunes the receipts it may
+    inbound(client, "STOP", sid="SMold")
+    assert member(harness)["sms_opt_in"] is True
+    assert suppressed(harness) == set()
+
+
 def test_start_does_not_lift_a_bounce(service: tuple[Harness, TestClient, Clock]) -> None:
     harness, client, _ = service
     status(client, row(harness, "birthday_sms")["provider_id"], "undelivered", ErrorCode="30005")

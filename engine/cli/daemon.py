@@ -13,23 +13,22 @@ SIGTERM/SIGINT, and in ``web`` we install ours, so both stop the same way.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 
-import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from engine.app import App
 from engine.config import listen_address as config_listen_address
 from engine.exceptions import ConfigError, EngineError
+from engine.http.server import Limits, QuietServer, bound_socket, make_server
 from engine.store.quarantine import describe, quarantined_total
 from engine.tick.health import TickHealth
 
@@ -45,31 +44,19 @@ def listen_address(listen: str) -> tuple[str, int]:
         raise ConfigError(f"web.listen {exc}") from None
 
 
-class QuietServer(uvicorn.Server):
-    """uvicorn without signal handlers of its own: whoever runs it stops it by setting ``should_exit``."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 def http_server(app: App, listen: str, health: TickHealth | None = None) -> tuple[QuietServer, socket.socket]:
     """The HTTP service for APP, and its socket, already bound (so a busy port is our clear error, not uvicorn's
     sys.exit from inside a thread). HEALTH: the daemon's tick record, when the service runs inside one."""
     from engine.http.app import create_app
 
     host, port = listen_address(listen)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-        sock.listen(2048)  # connections queue from here on, so "listening" in our log is already true
+        sock = bound_socket(host, port)
     except OSError as exc:
-        sock.close()
         raise EngineError(f"cannot listen on {listen} (web.listen): {exc.strerror or exc}") from None
-    config = uvicorn.Config(create_app(app, health=health), log_config=None, lifespan="off",
-                            timeout_graceful_shutdown=10, server_header=False)
-    return QuietServer(config), sock
+    web = app.config.web
+    limits = Limits(web.read_timeout, web.keepalive_timeout, web.max_connections)
+    return make_server(create_app(app, health=health), limits), sock
 
 
 def _url(sock: socket.socket) -> str:

@@ -13,6 +13,7 @@ from engine.audit import messagelog
 from engine.cli import funnel
 from engine.cli import members as member_ops
 from engine.cli.base import Ctx, handle_errors, instant, main
+from engine.exceptions import EngineError
 from engine.programme import report as programme_report
 from engine.store import quarantine
 
@@ -165,6 +166,14 @@ def member_forget(obj: Ctx, member_id: str, yes: bool) -> None:
     app = obj.app()
     with app.store.begin() as conn:
         counts = member_ops.forget(conn, member_id, datetime.now(UTC))
-    app.store.close()
+    # After the commit: the database is what a crash must not leave half done; the files are erased next (and a
+    # second `member forget` erases whatever a crash between the two left).
+    copies = 0
+    for name in ("email", "sms"):
+        try:
+            copies += app.channel(name).forget(member_id)
+        except (EngineError, OSError) as exc:
+            click.echo(f"warning: the {name} channel's own copies were not erased: {exc}", err=True)
+    app.close()
     click.echo(f"member {member_id} forgotten: {counts['messages']} log rows redacted, {counts['events']} events "
-               f"cleared, {counts['enrollments']} journeys ended")
+               f"cleared, {counts['enrollments']} journeys ended, {copies} outbox lines erased")

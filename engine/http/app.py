@@ -56,6 +56,9 @@ from engine.tick.health import HealthCollector, TickHealth
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BODY = 10 * 1024 * 1024  # SendGrid batches are the largest bodies we expect: a few MB
+MAX_EVENTS_BODY = 5 * 1024 * 1024  # BATCH events of a few KB each
+MAX_SMALL_BODY = 64 * 1024  # one member; a Twilio callback or inbound message (a few hundred bytes)
+MAX_JSON_DEPTH = 64  # nesting levels a JSON body may have (an event's properties are a few deep)
 FUTURE_SKEW = 300  # seconds a signed timestamp may be ahead of our clock
 SG_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 SG_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
@@ -97,10 +100,34 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
 
 
 def _json(body: bytes) -> Any:
+    """The body as JSON: 400 when it is not JSON, or is nested deeper than MAX_JSON_DEPTH levels."""
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WebError(400, f"the body must be JSON: {exc}") from None
+    except RecursionError:
+        value = None
+    else:
+        if _depth_within(value, MAX_JSON_DEPTH):
+            return value
+    raise WebError(400, f"the body is nested too deeply: at most {MAX_JSON_DEPTH} levels of lists and objects")
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    """Whether VALUE nests lists and objects at most LIMIT levels deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return True
 
 
 def _parse_events(items: list[Any], now: datetime) -> tuple[list[tuple[int, NewEvent]], list[dict[str, Any]]]:
@@ -159,7 +186,7 @@ class Service:
 
     async def post_events(self, request: Request) -> Response:
         self._authorise(request)
-        payload = _json(await read_body(request))
+        payload = _json(await read_body(request, MAX_EVENTS_BODY))
         items = payload.get("events") if isinstance(payload, dict) and "events" in payload else payload
         items = items if isinstance(items, list) else [items]
         if not items:
@@ -204,7 +231,7 @@ class Service:
     async def put_member(self, request: Request) -> Response:
         self._authorise(request)
         member_id = request.path_params["member_id"]
-        body = _json(await read_body(request))
+        body = _json(await read_body(request, MAX_SMALL_BODY))
         if not isinstance(body, dict):
             raise WebError(422, "the body must be a JSON object of member fields", [
                 {"index": 0, "error": "the body must be a JSON object"}])
@@ -265,8 +292,10 @@ class Service:
         if not token:
             raise self._reject("twilio", "not_configured", 503, "set channels.sms.auth_token to accept Twilio webhooks")
         try:
-            params = ImmutableMultiDict(parse_qsl((await read_body(request)).decode(), keep_blank_values=True))
-        except UnicodeDecodeError:
+            # Bounded before anything is parsed: the signature can only be checked over the parsed form.
+            params = ImmutableMultiDict(parse_qsl((await read_body(request, MAX_SMALL_BODY)).decode(),
+                                                  keep_blank_values=True, max_num_fields=200))
+        except (UnicodeDecodeError, ValueError):
             raise self._reject("twilio", "bad_request", 403, "the body is not form data") from None
         url = self.app.config.web.public_url.rstrip("/") + request.url.path
         if request.url.query:

@@ -98,6 +98,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
 # --------------------------------------------------------------------------- members
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def text_field(value: Any, name: str, limit: int) -> str | None:
     if value is None or value == "":
         return None
@@ -106,6 +109,10 @@ def text_field(value: Any, name: str, limit: int) -> str | None:
     text = str(value).strip()
     if len(text) > limit:
         raise RowError(f"{name} must be at most {limit} characters")
+    control = _CONTROL.search(text)
+    if control:
+        raise RowError(f"{name} must not contain line breaks or other control characters, found "
+                       f"{control.group()!r} at character {control.start() + 1}")
     return text or None
 
 

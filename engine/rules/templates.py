@@ -39,6 +39,15 @@ from engine.rules.sandbox_filters import bounded_concat
 from engine.rules.sandbox_limits import BUDGET, MAX_PART_CHARS, new_budget, oversized
 
 SUFFIX = ".j2"
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def one_line(text: str) -> str:
+    """A header value from rendered text: line breaks and other control characters become one space, so no
+    data in a template (a member's name with CR/LF) can start a header of its own."""
+    return _CONTROLS.sub(" ", text).strip()
+
+
 PARTS = {"email": ("subject", "text", "html"), "sms": ("text",)}
 REQUIRED = {"email": ("subject", "text"), "sms": ("text",)}
 
@@ -287,7 +296,7 @@ class Templates:
         if channel == "sms":
             return Rendered(chosen, text)
         html = parts.get("html") or html_from_text(text)
-        return Rendered(chosen, text, parts.get("subject") or "", html)
+        return Rendered(chosen, text, one_line(parts.get("subject") or ""), html)
 
     def _failure(self, path: str, channel: str, exc: Exception) -> TemplateRenderError:
         """What went wrong rendering the part at PATH, for the message log: the file, the line and the reason."""

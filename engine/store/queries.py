@@ -221,9 +221,16 @@ def park_message(conn: Connection, message_id: int, worker: str, until: datetime
                          claimed_until=None, updated_at=now))
 
 
+#: receipts kept for good: a Twilio inbound message is signed without a time, so only its receipt tells a replay
+#: of an old STOP (or START) from a new one, for as long as the message log is kept
+KEPT_RECEIPTS = ("twilio_inbound",)
+
+
 def prune_webhook_receipts(conn: Connection, older_than: datetime) -> int:
-    """Providers resend for a few days at most (SendGrid 72 h): receipts older than that are dead weight."""
-    result = conn.execute(webhook_receipts.delete().where(webhook_receipts.c.received_at < older_than))
+    """Providers resend for a few days at most (SendGrid 72 h, and its signed timestamps expire in minutes):
+    receipts older than that are dead weight, except the KEPT_RECEIPTS."""
+    result = conn.execute(webhook_receipts.delete().where(webhook_receipts.c.received_at < older_than,
+                                                          webhook_receipts.c.provider.not_in(KEPT_RECEIPTS)))
     return int(result.rowcount or 0)
 
 
