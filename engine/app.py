@@ -26,7 +26,7 @@ from engine.rules.loyalty import Loyalty
 from engine.rules.rulebook import Rulebook, journey_files, load_rulebook
 from engine.rules.templates import Templates
 from engine.rules.versions import LiveJourney, VersionCache, last_good_templates, register_templates, sync
-from engine.store import quarantine, queries
+from engine.store import quarantine, queries, seal
 from engine.store.database import Store
 from engine.tick import reconcile
 from engine.tick.entry import EntryPhase
@@ -45,6 +45,9 @@ class App:
         self.store = Store(config.database_url)
         if migrate:
             self.store.migrate()
+        # The message log's audit key: outside the database, so whoever can write to it cannot re-seal it.
+        seal.use_key(self.store.engine, load_secret(config.var_path, os.environ.get("ENGINE_AUDIT_KEY"),
+                                                    "audit.key", "ENGINE_AUDIT_KEY"))
         self.templates = Templates(config.templates_path, config.default_locale, config.currency)
         self.versions = VersionCache()
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

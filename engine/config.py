@@ -177,6 +177,11 @@ class FrequencyCap(_Strict):
         return self._window
 
 
+class AuditConfig(_Strict):
+    anchor_file: str | None = Field(None, description="file the daemon appends the chain's head to (audit anchors)")
+    anchor_every: int = Field(3600, gt=0, description="seconds between anchors")
+
+
 class Config(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     rules_dir: str = "rules"
@@ -189,6 +194,7 @@ class Config(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     channels: ChannelsConfig = ChannelsConfig()
     web: WebConfig = WebConfig()
+    audit: AuditConfig = AuditConfig()
     quiet_hours: QuietHours | None = QuietHours()
     frequency_caps: list[FrequencyCap] = []
 

@@ -12,6 +12,7 @@ import pytest
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine.app import App
 from engine.exceptions import AlreadyRunning
+from engine.store.seal import AuditKeyMismatch
 from engine.testing import Harness, RecordingChannel
 
 LAPSED = [
@@ -104,10 +105,11 @@ def test_a_channel_that_breaks_for_a_whole_batch_marks_it_unknown_and_the_tick_g
 
 def test_two_daemons_on_one_postgresql_database_never_send_twice(tmp_path: Path, pg_url: str) -> None:
     (tmp_path / "a").mkdir()
-    setup = Harness(tmp_path / "a", pg_url)
+    shared = {"var_dir": str(tmp_path / "var")}  # daemons on one database share its keys (var/audit.key …)
+    setup = Harness(tmp_path / "a", pg_url, config=shared)
     setup.members(*LAPSED)
     setup.close()
-    config = {"scheduler": {"batch_size": 2}}
+    config = {"scheduler": {"batch_size": 2}, **shared}
     daemons = []
     for name in ("b", "c"):
         (tmp_path / name).mkdir()
@@ -131,6 +133,28 @@ def test_two_daemons_on_one_postgresql_database_never_send_twice(tmp_path: Path,
     assert len(daemons[0].enrollments()) == len(LAPSED)
     for h in daemons:
         h.close()
+
+
+def test_a_daemon_with_another_audit_key_refuses_to_write_the_log(tmp_path: Path, db_url: str) -> None:
+    """A second daemon started with a var/ of its own would sign the log with a key nobody else holds: its tick
+    fails, saying which key to use, and writes nothing; the first daemon goes on."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Harness(tmp_path / "a", db_url)
+    first.members(*LAPSED[:2])
+    first.tick(NOON)
+    first.app.close()
+    stranger = Harness(tmp_path / "b", db_url)
+    stranger.members(*LAPSED[2:])
+    with pytest.raises(AuditKeyMismatch, match=r"copy var/audit\.key from the first daemon"):
+        stranger.tick(NOON)
+    assert stranger.sent() == [] and len(stranger.log()) == 2
+    stranger.verify_on_close = False  # its key is not the log's: it cannot verify it either
+    stranger.close()
+    again = Harness(tmp_path / "a", db_url)
+    again.tick(NOON)
+    assert len(again.log()) == len(LAPSED)
+    again.close()
 
 
 def test_on_sqlite_a_second_engine_process_refuses_to_start(tmp_path: Path) -> None:

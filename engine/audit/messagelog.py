@@ -19,6 +19,10 @@ FIELDS = ("id", "member_id", "journey", "step", "channel", "template", "variant"
 EXTRA_FIELDS = ("reason", "journey_version", "enrollment_id", "locale", "attempts", "next_attempt_at")
 TABLE_FIELDS = ("id", "created_at", "member_id", "journey", "step", "channel", "status", "reason", "recipient")
 STATUSES = tuple(s.value for s in MessageStatus)
+#: `audit export`: every field the chain, the content hash and the state seal are computed from, and the proofs
+PROOF_FIELDS = ("id", "member_id", "journey", "journey_version", "step", "channel", "template", "locale", "variant",
+                "recipient", "subject", "body", "html", "status", "reason", "error", "provider_id", "created_at",
+                "sent_at", "redacted", "content_hash", "prev_hash", "hash", "state_mac")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,23 @@ def _value(value: Any) -> Any:
 
 def record(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _value(row.get(k)) for k in (*FIELDS, *EXTRA_FIELDS)}
+
+
+def write_proofs(out: IO[str], items: Iterator[dict[str, Any]], fmt: str) -> int:
+    """The log with its proofs (PROOF_FIELDS), as JSON lines (what docs/verify_export.py checks) or CSV (for
+    reading: CSV cannot tell an empty text from none, so content hashes are checked on JSON lines)."""
+    count = 0
+    writer = csv.DictWriter(out, fieldnames=list(PROOF_FIELDS)) if fmt == "csv" else None
+    if writer is not None:
+        writer.writeheader()
+    for row in items:
+        item = {k: _value(row.get(k)) for k in PROOF_FIELDS}
+        if writer is not None:
+            writer.writerow(item)
+        else:
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
+        count += 1
+    return count
 
 
 def write(out: IO[str], items: Iterator[dict[str, Any]], fmt: str) -> int:

@@ -26,6 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from engine.app import App
+from engine.audit import anchors
 from engine.config import listen_address as config_listen_address
 from engine.exceptions import ConfigError, EngineError
 from engine.http.server import Limits, QuietServer, bound_socket, make_server
@@ -146,6 +147,18 @@ class Daemon:
         for error in report.errors:
             log.error("phase failed: %s", error)
 
+    def anchor(self) -> None:
+        """Append the chain's head to audit.anchor_file (see engine.audit.anchors)."""
+        path = self.app.config.path(str(self.app.config.audit.anchor_file))
+        try:
+            with self.app.store.connect() as conn:
+                anchor = anchors.take(conn, self.clock())
+            anchors.append(path, anchor)
+        except Exception:
+            log.exception("could not append an audit anchor to %s; trying again at the next interval", path)
+            return
+        log.info("audit anchor: %d rows, head %s…, appended to %s", anchor.rows, anchor.hash[:12], path)
+
     def _quarantined(self) -> int | None:
         try:
             with self.app.store.connect() as conn:
@@ -178,6 +191,10 @@ class Daemon:
         })
         scheduler.add_job(self.tick, IntervalTrigger(seconds=interval, timezone=UTC), id="tick",
                           next_run_time=datetime.now(UTC))
+        audit = self.app.config.audit
+        if audit.anchor_file:
+            scheduler.add_job(self.anchor, IntervalTrigger(seconds=audit.anchor_every, timezone=UTC), id="anchor",
+                              next_run_time=datetime.now(UTC))
         previous = {sig: signal.signal(sig, self._signal) for sig in STOP_SIGNALS}
         book = self.app.rules()
         log.info("serving %d journeys from %s every %ss on %s (worker %s)", len(book.journeys),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import click
 
+from engine.audit import anchors, messagelog
 from engine.audit import chain as audit
-from engine.audit import messagelog
 from engine.cli import funnel
 from engine.cli import members as member_ops
 from engine.cli.base import Ctx, handle_errors, instant, main
@@ -109,17 +110,28 @@ def audit_group() -> None:
 
 
 @audit_group.command("verify")
+@click.option("--anchor", "anchor_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a file of anchors (from `audit anchor`): every anchored row must still be there, unchanged")
 @click.pass_obj
 @handle_errors
-def audit_verify(obj: Ctx) -> None:
-    """Check the log's hash chain and that every points balance equals its ledger; exit 1 naming what is wrong."""
+def audit_verify(obj: Ctx, anchor_file: Path | None) -> None:
+    """Check the log's keyed hash chain, each row's state seal, the head (and anchors), and that every points
+    balance equals its ledger; exit 1 naming what is wrong."""
     from engine.programme import points
 
     app = obj.app()
+    try:
+        kept = anchors.read(anchor_file) if anchor_file is not None else []
+    except anchors.BadAnchor as exc:
+        raise click.UsageError(str(exc)) from None
     with app.store.connect() as conn:
         result = audit.verify(conn)
+        anchored = anchors.check(conn, kept) if result.ok else None
         checked, wrong = points.mismatches(conn)
     app.store.close()
+    if anchored:
+        click.echo(f"audit FAILED: {anchored}", err=True)
+        sys.exit(1)
     if not result.ok:
         where = f"row {result.first_bad_id}" if result.first_bad_id is not None else "the log"
         click.echo(f"audit FAILED at {where}: {result.problem}", err=True)
@@ -130,8 +142,52 @@ def audit_verify(obj: Ctx) -> None:
                        err=True)
         sys.exit(1)
     extra = f" ({result.redacted} erased by `member forget`, hashes kept)" if result.redacted else ""
+    if result.unkeyed:
+        extra += (f"; the first {result.unkeyed} rows were logged before the chain was keyed (plain SHA-256 links: "
+                  "keep an anchor from now on)")
+    if kept:
+        extra += f"; {len(kept)} anchors match"
     click.echo(f"audit ok: {result.rows} rows, hash chain intact{extra}; {checked} points balances equal their "
                "ledgers")
+
+
+@audit_group.command("export")
+@click.option("--since", default=None, help="first creation time (ISO 8601), inclusive")
+@click.option("--until", default=None, help="last creation time (ISO 8601), exclusive")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.pass_obj
+@handle_errors
+def audit_export(obj: Ctx, since: str | None, until: str | None, fmt: str) -> None:
+    """Write the log with its proofs (hashes, links, seals) to standard output, for an auditor to check offline
+    with docs/verify_export.py."""
+    flt = messagelog.LogFilter(since=instant(since, "--since"), until=instant(until, "--until"))
+    app = obj.app()
+    try:
+        with app.store.connect() as conn:
+            count = messagelog.write_proofs(sys.stdout, messagelog.rows(conn, flt), fmt)
+    except BrokenPipeError:
+        sys.stderr.close()
+        return
+    finally:
+        app.store.close()
+    click.echo(f"{count} row(s) exported", err=True)
+
+
+@audit_group.command("anchor")
+@click.option("--append", "append_to", type=click.Path(dir_okay=False, path_type=Path),
+              help="also add the anchor as a line to this file")
+@click.pass_obj
+@handle_errors
+def audit_anchor(obj: Ctx, append_to: Path | None) -> None:
+    """Print the chain's head (rows, last hash, time) as one JSON line, to keep somewhere the database's writers
+    cannot reach; `audit verify --anchor FILE` then catches rows deleted from the end."""
+    app = obj.app()
+    with app.store.connect() as conn:
+        anchor = anchors.take(conn, datetime.now(UTC))
+    app.store.close()
+    if append_to is not None:
+        anchors.append(append_to, anchor)
+    click.echo(anchor.line())
 
 
 @main.group(name="member")

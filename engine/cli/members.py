@@ -13,6 +13,7 @@ from engine.programme.tiers import load_purchases, window_start
 from engine.rules.loyalty import Loyalty
 from engine.store import quarantine
 from engine.store.models import EnrollmentStatus, enrollments, events, members, messages
+from engine.store.seal import reseal
 
 
 def show(conn: Connection, member_id: str, loyalty: Loyalty, default_locale: str, now: datetime) -> str:
@@ -134,7 +135,10 @@ def forget(conn: Connection, member_id: str, now: datetime) -> dict[str, int]:
                                                    enrollments.c.status == EnrollmentStatus.ACTIVE.value)
                          .values(status=EnrollmentStatus.EXITED.value, ended_at=now, exit_reason="member forgotten",
                                  next_run_at=None)).rowcount
-    redacted = conn.execute(update(messages).where(messages.c.member_id == member_id).values(
-        recipient=None, subject=None, body=None, html=None, redacted=True, updated_at=now)).rowcount
+    erased = list(conn.execute(update(messages).where(messages.c.member_id == member_id).values(
+        recipient=None, subject=None, body=None, html=None, redacted=True, updated_at=now)
+        .returning(messages.c.id)).scalars())
+    reseal(conn, erased)  # the erasure is sealed: an erasure made without the audit key does not verify
+    redacted = len(erased)
     cleared = conn.execute(update(events).where(events.c.member_id == member_id).values(properties={})).rowcount
     return {"messages": int(redacted or 0), "events": int(cleared or 0), "enrollments": int(ended or 0)}

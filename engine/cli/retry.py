@@ -26,6 +26,7 @@ from engine.store import quarantine
 from engine.store.models import EnrollmentStatus, MessageStatus, enrollments, events, messages
 from engine.store.models import quarantine as quarantine_table
 from engine.store.quarantine import Kind, Status
+from engine.store.seal import reseal
 from engine.tick.report import TickReport
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def abandon(app: App, entries: Sequence[dict[str, Any]], now: datetime) -> list[
                                                     messages.c.status == MessageStatus.QUEUED.value)
                              .values(status=MessageStatus.FAILED.value, reason=ABANDONED, error=why,
                                      next_attempt_at=None, updated_at=now))
+                reseal(conn, [ref])
                 result = "the message is logged failed"
             elif kind == Kind.EVENT.value:
                 result = "closed: the event is not matched again"

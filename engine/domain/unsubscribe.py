@@ -15,8 +15,10 @@ from pathlib import Path
 from engine.exceptions import ConfigError
 
 
-def load_secret(var_dir: Path, configured: str | None) -> bytes:
-    """The signing key: from config, else generated once into var/secret.key (kept private).
+def load_secret(var_dir: Path, configured: str | None, name: str = "secret.key",
+                variable: str = "ENGINE_UNSUBSCRIBE_SECRET") -> bytes:
+    """A key: CONFIGURED (from the environment VARIABLE), else generated once into var/NAME (kept private). The
+    unsubscribe links' signing key is var/secret.key; the message log's audit key var/audit.key.
 
     Daemons starting together on a fresh var/ all end up with the same key: each writes a candidate to a file
     of its own and links it into place, which only the first can do; the others read the winner's, which is
@@ -25,10 +27,10 @@ def load_secret(var_dir: Path, configured: str | None) -> bytes:
     """
     if configured:
         return configured.encode()
-    path = var_dir / "secret.key"
+    path = var_dir / name
     if not path.exists():
         var_dir.mkdir(parents=True, exist_ok=True)
-        candidate = var_dir / f".secret.key.{os.getpid()}.{secrets.token_hex(4)}"
+        candidate = var_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
         _write_private(candidate, secrets.token_hex(32))
         try:
             os.link(candidate, path)
@@ -46,7 +48,7 @@ def load_secret(var_dir: Path, configured: str | None) -> bytes:
             return key.encode()
         time.sleep(0.05)  # created by another daemon a moment ago, not yet written
     raise ConfigError(f"{path} is empty (a crash while it was being created?): delete it and start again to "
-                      "generate a new key, or set ENGINE_UNSUBSCRIBE_SECRET")
+                      f"generate a new key, or set {variable}")
 
 
 def _write_private(path: Path, text: str) -> None:

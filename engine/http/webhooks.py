@@ -31,6 +31,7 @@ from engine.ingest.members import RowError, normalise_email, normalise_phone
 from engine.store.database import insert_for
 from engine.store.models import MessageStatus, UTCDateTime, events, members, messages, suppressions, webhook_receipts
 from engine.store.rails import add_suppressions
+from engine.store.seal import reseal
 
 #: how far along a message is; a callback may only move it to a higher rank
 RANK = {MessageStatus.QUEUED: 0, MessageStatus.SENDING: 0, MessageStatus.UNKNOWN: 0, MessageStatus.SENT: 1,
@@ -140,7 +141,10 @@ def apply_status(conn: Connection, message_id: int, status: MessageStatus, now: 
         values["provider_id"] = func.coalesce(messages.c.provider_id, provider_id)
     stmt = (update(messages).where(messages.c.id == message_id, messages.c.status.in_(lower)).values(**values)
             .returning(messages.c.id))
-    return conn.execute(stmt).first() is not None
+    if conn.execute(stmt).first() is None:
+        return False
+    reseal(conn, [message_id])
+    return True
 
 
 def members_with_address(conn: Connection, channel: str, address: str) -> list[str]:

@@ -25,9 +25,6 @@ from engine.store.models import (
     handovers,
     messages,
 )
-
-# Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
-# query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
 from engine.store.queries import (
     REQUEUED_EXPLANATION,
     UNKNOWN_EXPLANATION,
@@ -35,6 +32,10 @@ from engine.store.queries import (
     among,
     chunked,
 )
+
+# Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
+# query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
+from engine.store.seal import reseal
 
 _IN_DOUBT = (messages.c.id, messages.c.channel, messages.c.recipient, messages.c.body, messages.c.subject,
             messages.c.created_at, messages.c.attempts, messages.c.error)
@@ -71,6 +72,7 @@ def settle_in_doubt(conn: Connection, worker: str, now: datetime, *, sent: list[
         conn.execute(update(messages).where(*mine).values(
             error=bindparam("_error"), next_attempt_at=bindparam("_at", type_=UTCDateTime()),
             **released), still_open)
+    reseal(conn, [int(r["_id"]) for r in (*sent, *again, *failed, *still_open)])
 
 
 def set_handover(conn: Connection, worker: str, channel: str, first_id: int, last_id: int, position: str | None,
@@ -136,6 +138,7 @@ def requeue_stranded(conn: Connection, ids: Sequence[int], now: datetime) -> Non
                                             messages.c.status == MessageStatus.SENDING.value)
                      .values(status=MessageStatus.QUEUED.value, next_attempt_at=now, claimed_by=None,
                              claimed_until=None, error=REQUEUED_EXPLANATION, updated_at=now))
+    reseal(conn, ids)
 
 
 def mark_in_doubt(conn: Connection, rows: Sequence[tuple[int, datetime]], now: datetime) -> None:
@@ -146,6 +149,7 @@ def mark_in_doubt(conn: Connection, rows: Sequence[tuple[int, datetime]], now: d
                  .values(status=MessageStatus.UNKNOWN.value, error=UNKNOWN_EXPLANATION, claimed_by=None,
                          claimed_until=None, next_attempt_at=bindparam("_at"), updated_at=now),
                  [{"_id": i, "_at": at} for i, at in rows])
+    reseal(conn, [i for i, _ in rows])
 
 
 def clear_handovers(conn: Connection, workers: Collection[str]) -> None:

@@ -252,6 +252,9 @@ class Message(Base):
     hash: Mapped[str] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
     redacted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: HMAC under the audit key over the row's state (engine.store.seal): status, reason, error, provider id,
+    #: sent time, erasure
+    state_mac: Mapped[str | None] = mapped_column(String(64))
     segments: Mapped[int | None] = mapped_column(Integer)  # SMS: parts billed (GSM-7 160/153, UCS-2 70/67)
     encoding: Mapped[str | None] = mapped_column(String(8))  # SMS: gsm7 | ucs2
     category: Mapped[str] = mapped_column(String(16), default="marketing", server_default="marketing")
@@ -358,6 +361,10 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     last_seq: Mapped[int] = mapped_column(BigId)
     last_hash: Mapped[str] = mapped_column(String(64))
+    #: the first row whose links are HMACs under the audit key (rows before it predate migration 0007)
+    keyed_from: Mapped[int | None] = mapped_column(BigId)
+    #: HMAC over last_seq, last_hash and keyed_from: the head cannot be rewritten without the key
+    mac: Mapped[str | None] = mapped_column(String(64))
 
 
 class PointsEntry(Base):

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 
 from engine.store.models import quarantine
+from engine.store.seal import AuditKeyMismatch, NoAuditKey
 
 #: after the first and the second failure a unit is tried again this much later; the third quarantines it
 RETRY_DELAYS = (timedelta(minutes=1), timedelta(minutes=10))
@@ -55,7 +56,7 @@ def is_systemic(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
-                      | sa_exc.DisconnectionError | MemoryError)
+                      | sa_exc.DisconnectionError | MemoryError | AuditKeyMismatch | NoAuditKey)
 
 
 def describe(exc: BaseException) -> str:

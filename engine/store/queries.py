@@ -39,6 +39,7 @@ from engine.store.models import (
     programme_state,
     webhook_receipts,
 )
+from engine.store.seal import reseal
 
 # Inline literals, not bound parameters: SQLite only uses a partial index (WHERE status = 'active') when the
 # query's own WHERE visibly implies it, and a "status = ?" placeholder does not.
@@ -118,7 +119,9 @@ def claim_queued_messages(conn: Connection, worker: str, now: datetime, lease_un
     stmt = (update(messages).where(messages.c.id.in_(due.scalar_subquery()))
             .values(status=MessageStatus.SENDING.value, claimed_by=worker, claimed_until=lease_until,
                     updated_at=now).returning(messages.c.id))
-    return [int(i) for i in conn.execute(stmt).scalars()]
+    ids = [int(i) for i in conn.execute(stmt).scalars()]
+    reseal(conn, ids)
+    return ids
 
 
 def claim_unhandled_events(conn: Connection, now: datetime, limit: int, *,
@@ -201,6 +204,17 @@ def merge_answers(conn: Connection, answers: Sequence[tuple[int, str | None, int
                 status=case((messages.c.status == unknown, MessageStatus.SENT.value), else_=messages.c.status),
                 claimed_by=None, claimed_until=None),
         [{"_id": i, "_provider": p, "_attempts": a, "_sent": at} for i, p, a, at in answers])
+    reseal(conn, [answer[0] for answer in answers])
+
+
+def erased_among(conn: Connection, ids: Sequence[int]) -> list[int]:
+    """Which of the messages IDS `member forget` has erased."""
+    dialect = conn.dialect.name
+    out: list[int] = []
+    for chunk in chunked(sorted(ids), dialect):
+        out += conn.execute(select(messages.c.id).where(among(messages.c.id, chunk, dialect),
+                                                        messages.c.redacted)).scalars().all()
+    return out
 
 
 def requeue_messages(conn: Connection, ids: list[int], worker: str, now: datetime) -> None:
@@ -210,6 +224,7 @@ def requeue_messages(conn: Connection, ids: list[int], worker: str, now: datetim
                                             messages.c.status == MessageStatus.SENDING.value)
                      .values(status=MessageStatus.QUEUED.value, next_attempt_at=now, claimed_by=None,
                              claimed_until=None, updated_at=now))
+    reseal(conn, ids)
 
 
 def park_message(conn: Connection, message_id: int, worker: str, until: datetime | None, now: datetime) -> None:
@@ -219,6 +234,7 @@ def park_message(conn: Connection, message_id: int, worker: str, until: datetime
                                         messages.c.status == MessageStatus.SENDING.value)
                  .values(status=MessageStatus.QUEUED.value, next_attempt_at=until, claimed_by=None,
                          claimed_until=None, updated_at=now))
+    reseal(conn, [message_id])
 
 
 #: receipts kept for good: a Twilio inbound message is signed without a time, so only its receipt tells a replay

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine.app import App
+from engine.audit.chain import verify as verify_chain
 from engine.config import load_config
 from engine.domain.timeutil import parse_instant
 from engine.ingest.events import record_events
@@ -83,6 +85,7 @@ class Harness:
         recording: dict[str, Channel] = {"email": self.email, "sms": self.sms}
         self.app = App(self.config, channels=recording if channels == "recording" else None)
         self._lines = 0
+        self.verify_on_close = True
 
     @staticmethod
     def at(when: str | datetime) -> datetime:
@@ -126,4 +129,17 @@ class Harness:
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
     def close(self) -> None:
-        self.app.close()
+        """Close the app; first check that the message log still verifies (every path that changed a message
+        sealed it), unless the story tampered with it on purpose (``verify_on_close = False``)."""
+        try:
+            if self.verify_on_close and not self.app._closed:
+                try:
+                    with self.app.store.connect() as conn:
+                        result = verify_chain(conn)
+                except SQLAlchemyError:  # the story took the database away: nothing to check
+                    return
+                if not result.ok:
+                    raise AssertionError(f"the message log no longer verifies at row {result.first_bad_id}: "
+                                         f"{result.problem}")
+        finally:
+            self.app.close()

@@ -31,7 +31,7 @@ from channels.base import Channel, Outcome, OutgoingMessage, SendResult
 from engine.config import Config
 from engine.domain import unsubscribe as unsub
 from engine.store import handovers as in_doubt
-from engine.store import queries
+from engine.store import queries, seal
 from engine.store.database import Store
 from engine.store.loading import load_queued_messages
 from engine.store.models import MessageStatus
@@ -48,7 +48,7 @@ MAX_ATTEMPTS = 5
 UNPACED_CHUNK = 10_000  # messages per hand-over to a channel that sets no window and no rate
 
 _RESULT_COLUMNS = ("status", "provider_id", "error", "attempts", "sent_at", "next_attempt_at", "reason", "claimed_by",
-                   "claimed_until", "updated_at")
+                   "claimed_until", "updated_at", "state_mac")
 
 
 class ResultUpdate(NamedTuple):
@@ -260,15 +260,20 @@ class Delivery:
             self._new_suppressions = []
         w = queries.BulkWriter(self.store.dialect)
         stamp = w.ts(now)
+        key = seal.key_of(conn)
         changed = w.update_by_id(conn, "messages", _RESULT_COLUMNS, [
             (u.status, u.provider_id, u.error, u.attempts, w.ts(u.sent_at), w.ts(u.next_attempt_at), u.reason,
-             None, None, stamp, u.id) for u in updates],
+             None, None, stamp,
+             seal.state_mac(key, u.id, u.status, u.reason, u.error, u.provider_id, u.sent_at, False), u.id)
+            for u in updates],
             # A provider's webhook may already have moved the row on (delivered): never overwrite that.
             only_if="status = 'sending'")
         if changed < len(updates):
             # Some callbacks overtook their answers: keep what only the answer knows (provider id, attempts).
             queries.merge_answers(conn, [(u.id, u.provider_id, u.attempts, u.sent_at or now) for u in updates
                                          if u.status == MessageStatus.SENT.value])
+        # Sealed above as not erased: a `member forget` while they were in flight erased some? Seal them as they are.
+        seal.reseal(conn, queries.erased_among(conn, [u.id for u in updates]))
 
     # ------------------------------------------------------------------ queued messages (deferred, retries)
 
