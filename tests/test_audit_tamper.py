@@ -260,3 +260,117 @@ def test_an_export_verifies_offline_with_the_documented_script_and_an_edit_to_it
     assert bad.returncode == 1 and f"row {suppressed['id']}" in bad.stderr and "seal" in bad.stderr
     keyless = check()
     assert keyless.returncode == 0 and "not checked" in keyless.stdout  # what no key cannot see
+
+
+def test_a_member_forgotten_while_their_message_is_in_flight_still_verifies(tmp_path: Path, db_url: str) -> None:
+    """`member forget` runs while the provider is answering for that member's message: the answer is recorded
+    on the erased row, sealed as erased, and the log verifies."""
+    from channels.base import OutgoingMessage, SendResult
+
+    h = Harness(tmp_path, db_url)
+    real = h.email.send_batch
+
+    def forget_meanwhile(batch: list[OutgoingMessage]) -> list[SendResult]:
+        with h.app.store.begin() as conn:
+            member_ops.forget(conn, "m1", datetime.now(UTC))
+        return real(batch)
+
+    h.email.send_batch = forget_meanwhile  # type: ignore[method-assign]
+    h.members(member("m1"), member("m2"))
+    h.tick(NOW)
+    rows = {r["member_id"]: r for r in h.log()}
+    assert rows["m1"]["status"] == "sent" and rows["m1"]["redacted"] and rows["m1"]["body"] is None
+    assert rows["m2"]["status"] == "sent" and not rows["m2"]["redacted"]
+    result = verify(h)
+    assert result.ok and result.redacted == 1, result.problem
+    h.close()
+
+
+# --------------------------------------------------------------------------- the points ledger
+
+
+@pytest.fixture
+def ledger_world(tmp_path: Path, db_url: str) -> Iterator[Harness]:
+    """Two members with an opening balance and two purchases each: three sealed ledger rows per member."""
+    h = Harness(tmp_path, db_url)
+    h.members(member("p1", points=100), member("p2", points=50))
+    for who in ("p1", "p2"):
+        h.event(who, "purchase", "2026-03-01T10:00:00+08:00", amount=300, order_id=f"{who}-a")
+        h.event(who, "purchase", "2026-03-02T10:00:00+08:00", amount=500, order_id=f"{who}-b")
+    h.verify_on_close = False
+    yield h
+    h.close()
+
+
+def ledger_problems(h: Harness) -> list[str]:
+    from engine.programme import points
+
+    with h.app.store.connect() as conn:
+        return points.verify_ledger(conn)[1]
+
+
+def ledger_rows(conn: Connection, member_id: str) -> list[dict[str, Any]]:
+    from engine.store.models import points_ledger
+
+    return [dict(r) for r in conn.execute(select(points_ledger).where(points_ledger.c.member_id == member_id)
+                                          .order_by(points_ledger.c.id)).mappings()]
+
+
+def _ledger_case(which: str) -> Callable[[Connection], None]:
+    from engine.store.models import members, points_ledger
+
+    def move_balance(conn: Connection, delta: int) -> None:
+        conn.execute(update(members).where(members.c.id == "p1").values(points=members.c.points + delta))
+
+    def apply(conn: Connection) -> None:
+        rows = ledger_rows(conn, "p1")
+        if which == "row and balance changed together":
+            conn.execute(update(points_ledger).where(points_ledger.c.id == rows[1]["id"])
+                         .values(points=rows[1]["points"] + 1000))
+            move_balance(conn, 1000)
+        elif which == "middle row removed, balance lowered":
+            conn.execute(points_ledger.delete().where(points_ledger.c.id == rows[1]["id"]))
+            move_balance(conn, -rows[1]["points"])
+        elif which == "last row removed, balance lowered":
+            conn.execute(points_ledger.delete().where(points_ledger.c.id == rows[-1]["id"]))
+            move_balance(conn, -rows[-1]["points"])
+        elif which == "row slipped in, balance raised":
+            conn.execute(points_ledger.insert().values(
+                member_id="p1", kind="adjust", points=5000, occurred_at=rows[-1]["occurred_at"], expires_at=None,
+                reason="goodwill", event_id=None, created_at=rows[-1]["created_at"]))
+            move_balance(conn, 5000)
+        elif which == "a sealed row copied, balance raised":
+            copy = {k: v for k, v in rows[-1].items() if k != "id"}
+            conn.execute(points_ledger.insert().values(**copy))
+            move_balance(conn, rows[-1]["points"])
+        elif which == "balance changed alone":
+            move_balance(conn, 10)
+        elif which == "balance seal removed":
+            conn.execute(update(members).where(members.c.id == "p1").values(points_mac=None))
+    return apply
+
+
+LEDGER_CASES = {
+    "row and balance changed together": "or a row before it removed",
+    "middle row removed, balance lowered": "or a row before it removed",
+    "last row removed, balance lowered": "rows removed from the end",
+    "row slipped in, balance raised": "no seal after sealed rows",
+    "a sealed row copied, balance raised": "or a row before it removed",
+    "balance changed alone": "the ledger sums to",
+    "balance seal removed": "has no seal",
+}
+
+
+def test_the_untouched_ledger_verifies(ledger_world: Harness) -> None:
+    assert ledger_problems(ledger_world) == []
+    with ledger_world.app.store.connect() as conn:
+        rows = ledger_rows(conn, "p1")
+    assert len(rows) == 3 and all(r["mac"] for r in rows)
+
+
+@pytest.mark.parametrize("case", list(LEDGER_CASES))
+def test_each_kind_of_ledger_tampering_is_caught(ledger_world: Harness, case: str) -> None:
+    with ledger_world.app.store.begin() as conn:
+        _ledger_case(case)(conn)
+    problems = ledger_problems(ledger_world)
+    assert problems and problems[0].startswith("member p1") and LEDGER_CASES[case] in problems[0], (case, problems)

@@ -78,7 +78,7 @@ def chain_hash(prev: str, row: dict[str, Any], stamps: dict[tuple[datetime, Any]
     data = "|".join(parts).encode()
     if key is None:
         return hashlib.sha256(data).hexdigest()
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hmac.digest(key, data, "sha256").hex()
 
 
 def head_mac(key: bytes, last_seq: int, last_hash: str, keyed_from: int | None) -> str:

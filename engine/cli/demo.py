@@ -192,6 +192,7 @@ def _insert(app: App, rows: Iterator[dict[str, Any]], loyalty: Loyalty, now: dat
         upsert_members(conn, app.store.dialect, batch, now, loyalty=loyalty)
         points.write(conn, loyalty, lots, now)
         points.apply_deltas(conn, {m.member_id: m.points for m in lots}, now)
+        points.seal_balances(conn, [m.member_id for m in lots])
         batch.clear()
         lots.clear()
 

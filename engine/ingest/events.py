@@ -94,6 +94,7 @@ class EventRecorder:
         inserts, changed = self._apply_all(batch, state, self._recorded_already(batch), report)
         self._insert(inserts)
         self._save_members(state, before, changed)
+        points.seal_balances(self.conn, {move.member_id for _, move in self._moves})
 
     def _members(self, batch: list[tuple[int, NewEvent]]) -> dict[str, dict[str, Any]]:
         """The batch's members as they are now, and (for purchases) their purchases in the qualification window."""

@@ -287,6 +287,7 @@ def _programme_books(conn: Connection, rows: list[dict[str, Any]], old: dict[str
                                                                           "orders": max(0, orders)},
                               "source": "import", "recorded_at": now, "handled_at": now})
     points.write(conn, loyalty, moves, now)
+    points.seal_balances(conn, [m.member_id for m in moves])
     if spent:
         conn.execute(events.insert(), spent)
     ids = [row["id"] for row in rows]

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from engine.rules.loyalty import Loyalty
+from engine.store import seal
 from engine.store.computed import held_by
 from engine.store.models import events, members, points_ledger
 
@@ -57,14 +58,48 @@ def expiry_of(loyalty: Loyalty, movement: Movement) -> datetime | None:
 
 
 def write(conn: Connection, loyalty: Loyalty, movements: Sequence[Movement], now: datetime) -> None:
-    """Append MOVEMENTS (their balances were checked by the caller) and refresh the members' expiry cache."""
-    if not movements:
+    """Append MOVEMENTS (their balances were checked by the caller) and refresh the members' expiry cache. Each row
+    is sealed, chained to the member's previous row (engine.store.seal); the caller seals the balances once they
+    are final (seal_balances)."""
+    moving = [m for m in movements if m.points != 0]
+    if not moving:
         return
-    conn.execute(points_ledger.insert(), [
-        {"member_id": m.member_id, "kind": m.kind.value, "points": m.points, "occurred_at": m.at,
-         "expires_at": expiry_of(loyalty, m), "reason": m.reason[:200], "event_id": m.event_id, "created_at": now}
-        for m in movements if m.points != 0])
+    key = seal.key_of(conn)
+    last = last_seals(conn, {m.member_id for m in moving})
+    rows = []
+    for m in moving:
+        row = {"member_id": m.member_id, "kind": m.kind.value, "points": m.points, "occurred_at": m.at,
+               "expires_at": expiry_of(loyalty, m), "reason": m.reason[:200], "event_id": m.event_id,
+               "created_at": now}
+        row["mac"] = last[m.member_id] = seal.ledger_mac(key, last.get(m.member_id, ""), row)
+        rows.append(row)
+    conn.execute(points_ledger.insert(), rows)  # in this order: ids rise with it, and so does each chain
     refresh_next_expiry(conn, {m.member_id for m in movements}, now)
+
+
+def last_seals(conn: Connection, member_ids: Iterable[str]) -> dict[str, str]:
+    """Each member's newest ledger row's seal ("" for a row from before the ledger was sealed)."""
+    ids = sorted(set(member_ids))
+    out: dict[str, str] = {}
+    for start in range(0, len(ids), 900):
+        newest = (select(func.max(points_ledger.c.id)).where(points_ledger.c.member_id.in_(ids[start:start + 900]))
+                  .group_by(points_ledger.c.member_id))
+        out.update((str(m), str(s or "")) for m, s in conn.execute(
+            select(points_ledger.c.member_id, points_ledger.c.mac).where(points_ledger.c.id.in_(newest))))
+    return out
+
+
+def seal_balances(conn: Connection, member_ids: Iterable[str]) -> None:
+    """Seal the cached balances of MEMBER_IDS as they now are, bound to their newest ledger row."""
+    ids = sorted(set(member_ids))
+    if not ids:
+        return
+    key = seal.key_of(conn)
+    last = last_seals(conn, ids)
+    for start in range(0, len(ids), 900):
+        rows = conn.execute(select(members.c.id, members.c.points).where(members.c.id.in_(ids[start:start + 900])))
+        conn.execute(update(members).where(members.c.id == bindparam("_id")).values(points_mac=bindparam("_mac")),
+                     [{"_id": m, "_mac": seal.balance_mac(key, m, int(p or 0), last.get(m, ""))} for m, p in rows])
 
 
 def apply_deltas(conn: Connection, deltas: dict[str, int], now: datetime) -> None:
@@ -138,16 +173,56 @@ def statement(conn: Connection, member_id: str, limit: int = 10) -> list[dict[st
     return [dict(r) for r in rows]
 
 
-def mismatches(conn: Connection, limit: int = 5) -> tuple[int, list[tuple[str, int, int]]]:
-    """(members checked, up to LIMIT (member, cached balance, ledger sum) that disagree)."""
-    sums = select(points_ledger.c.member_id, func.sum(points_ledger.c.points).label("total")).group_by(
-        points_ledger.c.member_id).subquery()
-    total = func.coalesce(sums.c.total, 0)
-    checked = int(conn.execute(select(func.count()).select_from(members)).scalar_one())
-    rows = conn.execute(select(members.c.id, members.c.points, total)
-                        .select_from(members.outerjoin(sums, sums.c.member_id == members.c.id))
-                        .where(members.c.points != total).order_by(members.c.id).limit(limit)).all()
-    return checked, [(str(m), int(p), int(t)) for m, p, t in rows]
+def verify_ledger(conn: Connection, limit: int = 5, batch: int = 1000) -> tuple[int, list[str]]:
+    """(members checked, up to LIMIT problems): each member's ledger rows must chain (engine.store.seal.ledger_mac)
+    and their cached balance must equal the rows' sum and carry its seal. Rows from before the ledger was sealed
+    (no seal) may only come before a member's first sealed row. Reads members a batch at a time."""
+    key = seal.key_of(conn)
+    problems: list[str] = []
+    checked, after = 0, None
+    while len(problems) < limit:
+        stmt = select(members.c.id, members.c.points, members.c.points_mac).order_by(members.c.id).limit(batch)
+        if after is not None:
+            stmt = stmt.where(members.c.id > after)
+        people = conn.execute(stmt).all()
+        if not people:
+            break
+        after = people[-1].id
+        ledgers: dict[str, list[Any]] = {}
+        for row in conn.execute(select(points_ledger).where(points_ledger.c.member_id.in_([p.id for p in people]))
+                                .order_by(points_ledger.c.id)).mappings():
+            ledgers.setdefault(row["member_id"], []).append(row)
+        for person in people:
+            checked += 1
+            problem = _member_problem(key, person, ledgers.get(person.id, []))
+            if problem:
+                problems.append(problem)
+    return checked, problems[:limit]
+
+
+def _member_problem(key: bytes, person: Any, rows: list[Any]) -> str | None:
+    prev, total, sealed = "", 0, False
+    for row in rows:
+        total += int(row["points"])
+        if row["mac"] is None:
+            if sealed:
+                return (f"member {person.id}: ledger row {row['id']} has no seal after sealed rows: it was added "
+                        "outside the engine")
+            continue
+        sealed = True
+        if seal.ledger_mac(key, prev, row) != row["mac"]:
+            return (f"member {person.id}: ledger row {row['id']} was changed, or a row before it removed or added, "
+                    "outside the engine")
+        prev = row["mac"]
+    if int(person.points or 0) != total:
+        return f"member {person.id} shows {person.points} points but the ledger sums to {total}"
+    if person.points_mac is None:
+        return (f"member {person.id}: the points balance has no seal although the ledger is sealed" if sealed else
+                None)
+    if seal.balance_mac(key, str(person.id), int(person.points or 0), prev) != person.points_mac:
+        return (f"member {person.id}: the points balance or the newest ledger row was changed outside the engine "
+                "(rows removed from the end?)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- expiry
@@ -176,4 +251,5 @@ def expire_due(conn: Connection, loyalty: Loyalty, since: datetime | None, now: 
          "properties": {"points": points, "balance": int(balances.get(member_id, 0))}, "source": "engine",
          "recorded_at": now, "handled_at": None} for member_id, points in rows])
     write(conn, loyalty, moves, now)
+    seal_balances(conn, [m for m, _ in rows])
     return rows

@@ -42,6 +42,7 @@ def save_member_updates(conn: Connection, changed: list[tuple[dict[str, Any], di
                 "from": before.get("tier"), "to": after["tier"], "direction": "up" if up else "down",
                 "cause": f"journey {live.id}"}))
     points.write(conn, loyalty, moves, now)
+    points.seal_balances(conn, [m.member_id for m in moves])
     if records:
         conn.execute(events.insert(), records)
 

@@ -95,6 +95,8 @@ class Member(Base):
     signup_at: Mapped[datetime | None]
     tier: Mapped[str | None] = mapped_column(String(32))
     points: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    #: HMAC under the audit key over the balance and the newest ledger row's seal (engine.store.seal.balance_mac)
+    points_mac: Mapped[str | None] = mapped_column(String(64))
     total_spend: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     order_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_order_at: Mapped[datetime | None]
@@ -386,6 +388,8 @@ class PointsEntry(Base):
     reason: Mapped[str] = mapped_column(String(200))
     event_id: Mapped[int | None] = mapped_column(BigId)
     created_at: Mapped[datetime]
+    #: HMAC under the audit key, chained to the member's previous row (engine.store.seal.ledger_mac)
+    mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index(None, "member_id", "expires_at"), Index(None, "expires_at"))
 

@@ -12,7 +12,6 @@ The key is registered per database engine by the application (engine.app.App) be
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -51,7 +50,8 @@ def key_of(conn: Connection) -> bytes:
 
 
 def mac(key: bytes, text: str) -> str:
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+    # hmac.digest: OpenSSL's one-shot HMAC, several times faster than an hmac.new object per message.
+    return hmac.digest(key, text.encode(), "sha256").hex()
 
 
 def _instant(value: datetime | None) -> str:
@@ -88,3 +88,20 @@ def seal(conn: Connection, macs: Sequence[tuple[int, str]]) -> None:
     if macs:
         conn.execute(update(messages).where(messages.c.id == bindparam("_id")).values(state_mac=bindparam("_mac")),
                      [{"_id": i, "_mac": m} for i, m in macs])
+
+
+def _fields(*values: object) -> str:
+    return "|".join(f"{len(t)}:{t}" for t in ("" if v is None else _instant(v) if isinstance(v, datetime) else str(v)
+                                              for v in values))
+
+
+def ledger_mac(key: bytes, prev: str, row: Mapping[str, Any]) -> str:
+    """The seal of one points-ledger row, chained to the member's previous row (PREV: its seal, "" for the first):
+    a row changed, removed from the middle, copied or slipped in breaks the member's chain."""
+    return mac(key, "ledger|" + _fields(prev, row["member_id"], row["kind"], row["points"], row["occurred_at"],
+                                        row["expires_at"], row["reason"], row["event_id"]))
+
+
+def balance_mac(key: bytes, member_id: str, points: int, last: str) -> str:
+    """The seal of a member's cached balance, bound to their last ledger row's seal (LAST)."""
+    return mac(key, "balance|" + _fields(member_id, points, last))

@@ -30,6 +30,7 @@ from engine.config import load_config
 from engine.domain.timeutil import parse_instant
 from engine.ingest.events import record_events
 from engine.ingest.members import ImportReport, import_members
+from engine.programme.points import verify_ledger
 from engine.store.models import enrollments, messages
 from engine.tick.report import TickReport
 
@@ -136,10 +137,13 @@ class Harness:
                 try:
                     with self.app.store.connect() as conn:
                         result = verify_chain(conn)
+                        _, ledger = verify_ledger(conn)
                 except SQLAlchemyError:  # the story took the database away: nothing to check
                     return
                 if not result.ok:
                     raise AssertionError(f"the message log no longer verifies at row {result.first_bad_id}: "
                                          f"{result.problem}")
+                if ledger:
+                    raise AssertionError(f"the points ledger no longer verifies: {ledger[0]}")
         finally:
             self.app.close()

@@ -266,14 +266,19 @@ class Delivery:
              None, None, stamp,
              seal.state_mac(key, u.id, u.status, u.reason, u.error, u.provider_id, u.sent_at, False), u.id)
             for u in updates],
-            # A provider's webhook may already have moved the row on (delivered): never overwrite that.
-            only_if="status = 'sending'")
+            # A provider's webhook may already have moved the row on (delivered): never overwrite that. Rows
+            # `member forget` erased while in flight are sealed as not erased above: written below instead.
+            only_if="status = 'sending' AND NOT redacted")
         if changed < len(updates):
             # Some callbacks overtook their answers: keep what only the answer knows (provider id, attempts).
             queries.merge_answers(conn, [(u.id, u.provider_id, u.attempts, u.sent_at or now) for u in updates
                                          if u.status == MessageStatus.SENT.value])
-        # Sealed above as not erased: a `member forget` while they were in flight erased some? Seal them as they are.
-        seal.reseal(conn, queries.erased_among(conn, [u.id for u in updates]))
+            erased = set(queries.erased_among(conn, [u.id for u in updates]))
+            if erased:
+                w.update_by_id(conn, "messages", _RESULT_COLUMNS, [
+                    (u.status, u.provider_id, u.error, u.attempts, w.ts(u.sent_at), w.ts(u.next_attempt_at), u.reason,
+                     None, None, stamp, None, u.id) for u in updates if u.id in erased], only_if="status = 'sending'")
+                seal.reseal(conn, erased)
 
     # ------------------------------------------------------------------ queued messages (deferred, retries)
 
